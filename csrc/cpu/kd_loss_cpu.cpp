@@ -1,6 +1,7 @@
 // CPU implementations of pykd::kd_loss_fwd / kd_loss_bwd: checks, allocation, and the choice of
 // kernel for this CPU (ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the portable one).
 #include "kd_loss.h"
+#include "cpu/allocate.h"
 #include "cpu/kd_loss_cpu.h"
 
 #include <ATen/ATen.h>
@@ -75,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(
   check_row_stat(teacher_lse, "teacher_lse", student_logits);
   check_row_stat(kl, "kl", student_logits);
   auto gradient = [](const at::Tensor& logits, bool wanted) {
-    return wanted ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+    return wanted ? empty_for_overwrite(logits.sizes(), logits.options())
+                  : at::empty({0}, logits.options());
   };
   at::Tensor grad_s = gradient(student_logits, student_grad);
   at::Tensor grad_t = gradient(teacher_logits, teacher_grad);
