@@ -46,7 +46,8 @@ def extension():
     with_cuda = use_cuda()
     debug = env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # No -std: torch's build helpers add the standard its headers need (C++20 from torch 2.14 on).
+    cxx = opt + ["-fopenmp"]
     kwargs = dict(
         name="pykd._C",
         sources=sources(with_cuda),
@@ -56,7 +57,7 @@ def extension():
     )
     if not with_cuda:
         return cpp_extension.CppExtension(**kwargs)
-    kwargs["extra_compile_args"]["nvcc"] = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"]
+    kwargs["extra_compile_args"]["nvcc"] = opt + ["--use_fast_math", "-lineinfo"]
     kwargs["define_macros"] = [("PYKD_WITH_CUDA", None)]
     return cpp_extension.CUDAExtension(**kwargs)
 

@@ -1,7 +1,7 @@
-// CPU implementations of pykd::kd_loss_fwd / kd_loss_bwd: checks, allocation, and the choice of
-// kernel for this CPU (ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the portable one).
+// CPU implementations of pykd::kd_loss_fwd / kd_loss_bwd (checks and allocation are kd_loss.h's):
+// the choice of kernel for this CPU (ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the
+// portable one).
 #include "kd_loss.h"
-#include "cpu/allocate.h"
 #include "cpu/kd_loss_cpu.h"
 
 #include <ATen/ATen.h>
@@ -26,37 +26,40 @@ bool use_avx2() {
 }
 
 KdForwardArgs forward_args(
-    const at::Tensor& s,
-    const at::Tensor& t,
-    double temperature,
+    const KdInputs& in,
     const at::Tensor& kl,
     const at::Tensor& lse_s,
     const at::Tensor& lse_t) {
+  const at::Tensor& s = in.student;
+  const at::Tensor& t = in.teacher;
   return KdForwardArgs{
       s.scalar_type(), s.const_data_ptr(), t.const_data_ptr(), s.size(0),
-      s.size(1),       s.stride(0),        t.stride(0),        1.0 / temperature,
+      s.size(1),       s.stride(0),        t.stride(0),        in.inv_temperature,
       kl.data_ptr(),   lse_s.data_ptr(),   lse_t.data_ptr()};
+}
+
+void launch_forward(const KdInputs& in, at::Tensor& kl, at::Tensor& lse_s, at::Tensor& lse_t) {
+  const KdForwardArgs args = forward_args(in, kl, lse_s, lse_t);
+  use_avx2() ? AVX2::kd_forward(args) : DEFAULT::kd_forward(args);
+}
+
+void launch_backward(
+    const KdInputs& in,
+    const KdRowStats& stats,
+    at::Tensor* grad_s,
+    at::Tensor* grad_t) {
+  const KdBackwardArgs args{
+      forward_args(in, stats.kl, stats.student_lse, stats.teacher_lse),
+      stats.grad_kl.const_data_ptr(), stats.grad_stride,
+      grad_s ? grad_s->data_ptr() : nullptr, grad_t ? grad_t->data_ptr() : nullptr};
+  use_avx2() ? AVX2::kd_backward(args) : DEFAULT::kd_backward(args);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const at::Tensor& student_logits,
     const at::Tensor& teacher_logits,
     double temperature) {
-  check_logits(student_logits, teacher_logits);
-  check_temperature(temperature);
-  const auto options =
-      student_logits.options().dtype(at::toOpMathType(student_logits.scalar_type()));
-  at::Tensor kl = at::empty(row_shape(student_logits), options);
-  at::Tensor lse_s = at::empty_like(kl);
-  at::Tensor lse_t = at::empty_like(kl);
-  if (kl.numel() == 0) {
-    return {kl, lse_s, lse_t};
-  }
-  const at::Tensor s = as_rows(student_logits);
-  const at::Tensor t = as_rows(teacher_logits);
-  const KdForwardArgs args = forward_args(s, t, temperature, kl, lse_s, lse_t);
-  use_avx2() ? AVX2::kd_forward(args) : DEFAULT::kd_forward(args);
-  return {kl, lse_s, lse_t};
+  return kd_loss_fwd_impl(student_logits, teacher_logits, temperature, launch_forward);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(
@@ -69,33 +72,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(
     double temperature,
     bool student_grad,
     bool teacher_grad) {
-  check_logits(student_logits, teacher_logits);
-  check_temperature(temperature);
-  check_row_stat(grad_kl, "grad_kl", student_logits);
-  check_row_stat(student_lse, "student_lse", student_logits);
-  check_row_stat(teacher_lse, "teacher_lse", student_logits);
-  check_row_stat(kl, "kl", student_logits);
-  auto gradient = [](const at::Tensor& logits, bool wanted) {
-    return wanted ? empty_for_overwrite(logits.sizes(), logits.options())
-                  : at::empty({0}, logits.options());
-  };
-  at::Tensor grad_s = gradient(student_logits, student_grad);
-  at::Tensor grad_t = gradient(teacher_logits, teacher_grad);
-  if (student_logits.numel() == 0 || !(student_grad || teacher_grad)) {
-    return {grad_s, grad_t};
-  }
-  const at::Tensor s = as_rows(student_logits);
-  const at::Tensor t = as_rows(teacher_logits);
-  const at::Tensor grad = grad_kl.reshape({-1});
-  const at::Tensor kl_rows = kl.reshape({-1}).contiguous();
-  const at::Tensor lse_s = student_lse.reshape({-1}).contiguous();
-  const at::Tensor lse_t = teacher_lse.reshape({-1}).contiguous();
-  const KdBackwardArgs args{
-      forward_args(s, t, temperature, kl_rows, lse_s, lse_t),
-      grad.const_data_ptr(), grad.size(0) == 1 ? 0 : grad.stride(0),
-      student_grad ? grad_s.data_ptr() : nullptr, teacher_grad ? grad_t.data_ptr() : nullptr};
-  use_avx2() ? AVX2::kd_backward(args) : DEFAULT::kd_backward(args);
-  return {grad_s, grad_t};
+  return kd_loss_bwd_impl(
+      grad_kl, student_logits, teacher_logits, student_lse, teacher_lse, kl, temperature,
+      student_grad, teacher_grad, launch_backward);
 }
 
 }  // namespace

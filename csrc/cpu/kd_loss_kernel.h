@@ -164,25 +164,31 @@ void forward_row(
       block_max_s = at::vec::maximum(block_max_s, vs);
       block_max_t = at::vec::maximum(block_max_t, vt);
     });
+    // Accumulators that have seen only -inf are 0 and need no rescaling; skipping them also keeps
+    // exp(-shift) from overflowing (0 * inf = NaN) when the first finite maximum is below -88.
+    const bool empty_s = max_s == -kInf, empty_t = max_t == -kInf;
     max_s = nan_max(max_s, reduce_max(block_max_s) * inv_temp);
     max_t = nan_max(max_t, reduce_max(block_max_t) * inv_temp);
 
     // Move the accumulators to the new references (a no-op for rows that fit in one block).
     const acc_t new_ref_t = exp_reference(max_t);
-    if (new_ref_t != ref_t) {
+    if (new_ref_t != ref_t && !empty_t) {
       const acc_t shift = new_ref_t - ref_t;
       const Vec rescale(std::exp(-shift));
-      cross = (cross - sum_t * Vec(shift)) * rescale;
+      // A cross of +inf (a class the teacher gives mass and the student none) stays +inf even
+      // where rescale underflows to 0.
+      const Vec inf(kInf);
+      cross = Vec::blendv((cross - sum_t * Vec(shift)) * rescale, inf, cross == inf);
       sum_t = sum_t * rescale;
-      ref_t = new_ref_t;
     }
+    ref_t = new_ref_t;
     const acc_t new_ref_s = exp_reference(max_s);
-    if (new_ref_s != ref_s) {
+    if (new_ref_s != ref_s && !empty_s) {
       const acc_t shift = new_ref_s - ref_s;
       cross = cross + sum_t * Vec(shift);
       sum_s = sum_s * Vec(std::exp(-shift));
-      ref_s = new_ref_s;
     }
+    ref_s = new_ref_s;
 
     const Vec vref_s(ref_s), vref_t(ref_t), vref_diff(ref_t - ref_s);
     for_each_vec<S>(s + begin, t + begin, n, [&](const Vec& vs, const Vec& vt) {
