@@ -158,13 +158,16 @@ class HintRegressor(nn.Module):
         if (
             not isinstance(size, (tuple, list))
             or len(size) != 2
-            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in size)
+            or any(
+                isinstance(v, bool) or not isinstance(v, (numbers.Integral, torch.SymInt)) or v <= 0
+                for v in size
+            )
         ):
             raise ValueError(
                 f"HintRegressor: size must be the teacher's spatial size (H, W), two ints > 0, "
                 f"got {size!r}"
             )
-        return tuple(int(v) for v in size)
+        return tuple(size)
 
     def extra_repr(self):
         return f"kind={self.kind!r}"

@@ -1,4 +1,8 @@
 """The batched feature-hint loss (SPEC section 2), HintRegressor and FeatureCapture."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +93,31 @@ def test_deterministic_across_thread_counts():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_portable_kernels_match():
+    """The portable kernels (ATEN_CPU_CAPABILITY=default) agree with the ones this CPU runs."""
+    code = (
+        "import torch, pykd\n"
+        "torch.manual_seed(0)\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    s = [torch.randn(3, 5, 77, 91).to(dtype).requires_grad_(), torch.randn(37).to(dtype)]\n"
+        "    t = [torch.randn(3, 5, 77, 91).to(dtype), torch.randn(37).to(dtype)]\n"
+        "    loss = pykd.hint_loss(s, t, [0.5, 2.0])\n"
+        "    print(repr(loss.item()), repr(torch.autograd.grad(loss, s[0])[0].double().abs().sum().item()))\n"
+    )
+    outputs = {}
+    for capability in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env["PYTHONPATH"] = os.pathsep.join(sys.path)  # find pykd as this process does
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outputs[capability] = [[float(v) for v in line.split()] for line in run.stdout.splitlines()]
+    for dtype, a, b in zip(DTYPES[1:], outputs["default"], outputs[None]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0, msg=str(dtype))
 
 
 def test_gradcheck():
