@@ -11,12 +11,11 @@
 
 namespace pykd {
 
-// On the CPU, large allocations come fresh from mmap, and the first write to each 4 KiB page faults: for a
-// gradient of 100+ MB that costs more than the kernel itself. Advising transparent huge pages
-// before the first write makes it one fault per 2 MiB (what THP_MEM_ALLOC_ENABLE=1 does for every
-// torch allocation). It is only advice: without THP support nothing changes.
-inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
+// On the CPU, large allocations come fresh from mmap, and the first write to each 4 KiB page
+// faults: for a gradient of 100+ MB that costs more than the kernel itself. Advising transparent
+// huge pages before the first write makes it one fault per 2 MiB (what THP_MEM_ALLOC_ENABLE=1
+// does for every torch allocation). It is only advice: without THP support nothing changes.
+inline at::Tensor advise_huge_pages(at::Tensor out) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (!out.is_cpu()) {
     return out;
@@ -30,6 +29,14 @@ inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOpt
   }
 #endif
   return out;
+}
+
+inline at::Tensor empty_for_overwrite(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return advise_huge_pages(at::empty(sizes, options));
+}
+
+inline at::Tensor empty_like_for_overwrite(const at::Tensor& like) {
+  return advise_huge_pages(at::empty_like(like));
 }
 
 }  // namespace pykd
