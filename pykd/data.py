@@ -81,12 +81,22 @@ def _unpickle(path):
         raise DataError(f"cifar10: {path} is not a CIFAR-10 python batch ({e})") from None
 
 
+def _field(batch, name, path):
+    """A CIFAR pickle's field: bytes keys in the original (Python 2) files, str in re-pickled."""
+    if isinstance(batch, dict):
+        for key in (name.encode(), name):
+            if key in batch:
+                return batch[key]
+    raise DataError(f"cifar10: {path} is not a CIFAR-10 python batch (no {name!r})")
+
+
 def _cifar_batch(path):
     batch = _unpickle(path)
+    data, labels = _field(batch, "data", path), _field(batch, "labels", path)
     try:
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as e:
+        data = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError) as e:
         raise DataError(f"cifar10: {path} is not a CIFAR-10 python batch ({e})") from None
     if len(data) != len(labels):
         raise DataError(f"cifar10: {path} has {len(data)} images but {len(labels)} labels")
@@ -96,10 +106,9 @@ def _cifar_batch(path):
 def _read_cifar10(root):
     if not os.path.isdir(root):
         raise DataError(f"cifar10: no such directory: {root}")
-    meta = _unpickle(os.path.join(root, "batches.meta"))
-    classes = [name.decode() for name in meta.get(b"label_names", [])]
-    if not classes:
-        raise DataError(f"cifar10: {root}/batches.meta has no label_names")
+    meta_path = os.path.join(root, "batches.meta")
+    classes = [n.decode() if isinstance(n, bytes) else str(n)
+               for n in _field(_unpickle(meta_path), "label_names", meta_path)]
     parts = [_cifar_batch(os.path.join(root, f"data_batch_{i}")) for i in range(1, 6)]
     test_images, test_labels = _cifar_batch(os.path.join(root, "test_batch"))
     images = np.concatenate([p[0] for p in parts])

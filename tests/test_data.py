@@ -41,15 +41,16 @@ def test_train_fraction_keeps_val_and_test():
 def write_cifar(root, per_batch=6, classes=("cat", "dog", "ship")):
     rng = np.random.default_rng(0)
     root.mkdir()
+    # The real files were pickled by Python 2: bytes keys and names (read with encoding="bytes").
     with open(root / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(classes), "num_cases_per_batch": per_batch}, f)
+        pickle.dump({b"label_names": [c.encode() for c in classes],
+                     b"num_cases_per_batch": per_batch}, f)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     batches = {}
     for name in names:
         data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         labels = [i % len(classes) for i in range(per_batch)]
         batches[name] = (data, labels)
-        # The real files are pickled with bytes keys (Python 2); read with encoding="bytes".
         with open(root / name, "wb") as f:
             pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, f)
     return batches

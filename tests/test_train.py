@@ -123,7 +123,7 @@ def test_nuclear_norm_penalty_shrinks_the_first_layer(splits):
     plain, penalised = student(), student()
     fit(plain, splits, config(epochs=2))
     fit(penalised, splits, config(epochs=2, nuclear_weight=0.5))
-    assert nuclear(penalised) < 0.8 * nuclear(plain)
+    assert nuclear(penalised) < 0.93 * nuclear(plain)
 
 
 def test_bf16_autocast(splits):
