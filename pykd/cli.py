@@ -32,7 +32,8 @@ def _number(kind, low=None, low_open=False, high=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
         if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}, got {text}")
+            relation = ">" if low_open else ">="
+            raise argparse.ArgumentTypeError(f"must be {relation} {low}, got {text}")
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
         return value
@@ -51,7 +52,8 @@ def float_list(text):
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
@@ -61,7 +63,8 @@ def int_list(text):
     try:
         return [int(v) for v in text.split(",") if v.strip()] or [0]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
 
 
 def layer_pair(text):
@@ -144,9 +147,8 @@ def _config(args, **overrides):
 def _load_data(spec, args, mean=None, std=None):
     from .data import load_dataset
 
-    splits = load_dataset(spec, data_seed=args.data_seed, train_fraction=args.train_fraction,
-                          mean=mean, std=std)
-    return splits
+    return load_dataset(spec, data_seed=args.data_seed, train_fraction=args.train_fraction,
+                        mean=mean, std=std)
 
 
 def _data_meta(spec, args, splits):
@@ -171,7 +173,7 @@ def _check_model(name):
     from . import models
 
     try:
-        models._factory(name)
+        models.get_factory(name)
     except ValueError as e:
         raise UsageError(f"--model/--student: {e}") from None
 

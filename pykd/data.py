@@ -196,7 +196,8 @@ def load_dataset(spec="digits", data_seed=0, val_fraction=0.15, test_fraction=0.
     if test_x is None:
         if val_fraction + test_fraction >= 1:
             raise DataError("val_fraction + test_fraction must be below 1")
-        val_idx, test_idx, train_idx = _stratified_split(y, [val_fraction, test_fraction], data_seed)
+        val_idx, test_idx, train_idx = _stratified_split(
+            y, [val_fraction, test_fraction], data_seed)
         test_x, test_y = x[test_idx], y[test_idx]
     else:
         val_idx, train_idx = _stratified_split(y, [val_fraction], data_seed)

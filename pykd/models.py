@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "register_model", "model_names"]
+__all__ = ["MODELS", "build_model", "get_factory", "register_model", "model_names"]
 
 
 def _same_padding(size, kernel, stride):
@@ -122,7 +122,8 @@ def model_names():
     return sorted(MODELS)
 
 
-def _factory(name):
+def get_factory(name):
+    """The factory of a registry name or of "package.module:function"."""
     if name in MODELS:
         return MODELS[name]
     if ":" in name:
@@ -142,7 +143,8 @@ def _factory(name):
 
 def build_model(name, num_classes=10, in_channels=3, image_size=32):
     """Builds a model by registry name or "package.module:function"."""
-    model = _factory(name)(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    factory = get_factory(name)
+    model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r}: the factory returned {type(model).__name__}, "
                          "not an nn.Module")

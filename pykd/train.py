@@ -276,7 +276,8 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     config.check()
     ctx = context(device)
     distilling = teacher is not None
-    hint_layers = [tuple(p) for p in config.hint_layers] if distilling and config.hint_weight else []
+    hints_on = distilling and config.hint_weight > 0
+    hint_layers = [tuple(p) for p in config.hint_layers] if hints_on else []
     model.to(ctx.device)
 
     teacher_capture = None
