@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import pykd  # hint_loss, HintRegressor and FeatureCapture are looked up when hints are used
+
 from . import models, report
 from .loss import KDLoss
 
@@ -204,8 +206,6 @@ class Student(nn.Module):
         self.capture = None
         if not hint_layers:
             return
-        import pykd
-
         self.capture = pykd.FeatureCapture(model, self.hint_layers)
         was_training = model.training
         with torch.no_grad():
@@ -286,8 +286,6 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     if distilling:
         teacher.to(ctx.device).eval().requires_grad_(False)
         if hint_layers:
-            import pykd
-
             if not hasattr(pykd, "hint_loss"):
                 raise ValueError("hint_weight needs pykd.hint_loss, which this build lacks")
             teacher_capture = pykd.FeatureCapture(teacher, [t for _, t in hint_layers])
@@ -325,74 +323,73 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     show = config.progress and ctx.is_main and sys.stderr.isatty()
     first_weight = first_layer_weight(model) if config.nuclear_weight else None
 
-    for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        student.train()
-        started = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, correct, count
-        batches = _progress(loader, show, f"epoch {epoch + 1}/{config.epochs}")
-        for inputs, labels in batches:
-            inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                logits, hints = trainable(inputs)
-                if distilling:
-                    with torch.no_grad():
-                        teacher_logits = teacher(inputs)
-                        teacher_features = [teacher_capture.features[t] for _, t in hint_layers]
-                    loss = kd(logits, teacher_logits, labels)
-                    if config.logit_weight:
-                        loss = loss + config.logit_weight * F.mse_loss(
-                            logits.float(), teacher_logits.float())
-                    if hint_layers:
-                        import pykd
-
-                        loss = loss + config.hint_weight * pykd.hint_loss(hints, teacher_features)
-                else:
-                    loss = F.cross_entropy(logits, labels)
-            if first_weight is not None:
-                loss = loss + config.nuclear_weight * torch.linalg.matrix_norm(
-                    first_weight.flatten(1).float(), ord="nuc")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = len(labels)
-            sums += torch.stack([loss.detach().double() * n,
-                                 (logits.argmax(-1) == labels).sum().double(),
-                                 torch.tensor(n, dtype=torch.float64, device=ctx.device)])
-            if show:
-                batches.set_postfix(loss=f"{loss.item():.4f}")
-        loss_sum, correct, count = _all_reduce(ctx, sums).tolist()
-        val = evaluate(model, splits.val_x, splits.val_y, splits.num_classes, ctx,
-                       bf16=config.bf16)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
-            "train_examples": int(count),  # over all ranks (the sampler pads to a multiple)
-            "val_accuracy": val["accuracy"],
-            "val_f1": val["f1"],
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        if checkpoint and ctx.is_main:
-            save_checkpoint(checkpoint, {
-                "format": CHECKPOINT_FORMAT,
-                **(meta or {}),
-                "state_dict": model.state_dict(),
-                "regressors": student.regressors.state_dict(),
-                "optimizer": optimizer.state_dict(),
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            student.train()
+            started = time.perf_counter()
+            sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, correct, count
+            batches = _progress(loader, show, f"epoch {epoch + 1}/{config.epochs}")
+            for inputs, labels in batches:
+                inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    logits, hints = trainable(inputs)
+                    if distilling:
+                        with torch.no_grad():
+                            teacher_logits = teacher(inputs)
+                            teacher_features = [teacher_capture.features[t] for _, t in hint_layers]
+                        loss = kd(logits, teacher_logits, labels)
+                        if config.logit_weight:
+                            loss = loss + config.logit_weight * F.mse_loss(
+                                logits.float(), teacher_logits.float())
+                        if hint_layers:
+                            loss = loss + config.hint_weight * pykd.hint_loss(
+                                hints, teacher_features)
+                    else:
+                        loss = F.cross_entropy(logits, labels)
+                if first_weight is not None:
+                    loss = loss + config.nuclear_weight * torch.linalg.matrix_norm(
+                        first_weight.flatten(1).float(), ord="nuc")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = len(labels)
+                sums += torch.stack([loss.detach().double() * n,
+                                     (logits.argmax(-1) == labels).sum().double(),
+                                     torch.tensor(n, dtype=torch.float64, device=ctx.device)])
+                if show:
+                    batches.set_postfix(loss=f"{loss.item():.4f}")
+            loss_sum, correct, count = _all_reduce(ctx, sums).tolist()
+            val = evaluate(model, splits.val_x, splits.val_y, splits.num_classes, ctx,
+                           bf16=config.bf16)
+            record = {
                 "epoch": epoch + 1,
-                "rng": _rng_state(),
-                "config": asdict(config),
-                "history": history,
-            })
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-
-    if student.capture is not None:
-        student.capture.remove()
-    if teacher_capture is not None:
-        teacher_capture.remove()
+                "train_loss": loss_sum / count,
+                "train_accuracy": correct / count,
+                "train_examples": int(count),  # over all ranks (the sampler pads to a multiple)
+                "val_accuracy": val["accuracy"],
+                "val_f1": val["f1"],
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(record)
+            if checkpoint and ctx.is_main:
+                save_checkpoint(checkpoint, {
+                    "format": CHECKPOINT_FORMAT,
+                    **(meta or {}),
+                    "state_dict": model.state_dict(),
+                    "regressors": student.regressors.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "rng": _rng_state(),
+                    "config": asdict(config),
+                    "history": history,
+                })
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+    finally:  # the hooks go even when a run stops early
+        for capture in (student.capture, teacher_capture):
+            if capture is not None:
+                capture.remove()
     return {
         "history": history,
         "val": evaluate(model, splits.val_x, splits.val_y, splits.num_classes, ctx,
