@@ -379,9 +379,9 @@ def demo_arguments(p):
     p.add_argument("--teacher-epochs", type=positive_int, default=DEMO["teacher_epochs"])
     p.add_argument("--teacher-fraction", type=fraction, default=1.0, metavar="F",
                    help="fraction of the training split the teacher learns from (default 1)")
-    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], metavar="S,S,...",
+    p.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...",
                    help="one student alone and one distilled student per seed (the teacher uses "
-                   "the first); the table gives mean ± std (default 0,1,2)")
+                   "the first); the table gives mean ± std over them (default 0)")
     data_arguments(p)
     p.set_defaults(train_fraction=DEMO["train_fraction"])
     run_arguments(p, epochs=DEMO["epochs"])
