@@ -102,9 +102,12 @@ def format_table(rows):
 
 def parse_shapes(text):
     try:
-        return [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+        shapes = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
     except ValueError:
+        shapes = []
+    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
         raise argparse.ArgumentTypeError(f"shapes must look like 1024x32000,256x128256: {text!r}")
+    return shapes
 
 
 def add_arguments(parser):
@@ -119,10 +122,16 @@ def add_arguments(parser):
 def run(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("pykd bench: --device cuda, but no CUDA GPU is available")
+        raise ValueError("--device cuda, but no CUDA GPU is available")
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    dtypes = [getattr(torch, name, None) for name in args.dtypes.split(",")]
+    if not all(isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes):
+        raise ValueError(f"--dtypes must name floating-point torch dtypes, got {args.dtypes!r}")
     names = args.only.split(",") if args.only else None
+    unknown = set(names or ()) - set(implementations())
+    if unknown:
+        raise ValueError(f"--only: unknown implementations {sorted(unknown)}; "
+                         f"choose from {sorted(implementations())}")
     rows = []
     for shape in shapes:
         for dtype in dtypes:

@@ -459,12 +459,26 @@ def cmd_demo(args):
           f"seed(s); wrote {args.out}/results.md, curves.png, demo.json")
 
 
+def bench_arguments(p):
+    from . import benchmark
+
+    benchmark.add_arguments(p)
+
+
+def cmd_bench(args):
+    """Time pykd.kd_loss against eager and compiled PyTorch, side by side (forward+backward)."""
+    from . import benchmark
+
+    benchmark.run(args)
+
+
 COMMANDS = [
     ("demo", cmd_demo, demo_arguments),
     ("train", cmd_train, train_arguments),
     ("distill", cmd_distill, distill_arguments),
     ("eval", cmd_eval, eval_arguments),
     ("sweep", cmd_sweep, sweep_arguments),
+    ("bench", cmd_bench, bench_arguments),
 ]
 
 

@@ -1,6 +1,7 @@
 """The pykd command line: short runs in a temporary directory, its errors, the sweep, torchrun."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -116,7 +117,10 @@ def test_help_for_every_command(capsys):
             pykd(name, "--help")
         assert exit.value.code == 0
         out = capsys.readouterr().out
-        assert "--dataset" in out and "--out" in out or name == "eval"
+        if name == "bench":
+            assert "--shapes" in out and "--device" in out
+        else:
+            assert "--dataset" in out and "--out" in out or name == "eval"
 
 
 def test_sweep_writes_png_and_json(teacher, tmp_path):
@@ -156,3 +160,32 @@ def test_torchrun_two_processes(teacher, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["tutorial-student-distilled.json",
                                             "tutorial-student-distilled.pt"]
     assert done.stdout.count("tutorial-student-distilled: test accuracy") == 1  # rank 0 only
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert pykd("bench", "--shapes", "64x10,8x300", "--dtypes", "float32",
+                "--only", "pykd,eager_kl_div", "--repeats", "1", "--json", out) == 0
+    table = capsys.readouterr().out
+    assert "| 64 | 10 | float32 |" in table and "| 8 | 300 | float32 |" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["N"], r["C"]) for r in rows] == [(64, 10), (8, 300)]
+    assert all(r["pykd_ms"] > 0 and r["eager_kl_div_ms"] > 0 and r["copy_gbps"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "nope"], "--only: unknown implementations"),
+    (["--dtypes", "int64"], "--dtypes must name floating-point"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--only", "x"], "cuda|--only"),
+])
+def test_bench_bad_arguments(argv, message, capsys):
+    assert pykd("bench", "--shapes", "8x10", "--repeats", "1", *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err)
+
+
+def test_bench_bad_shapes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pykd("bench", "--shapes", "8by10")
+    assert exit_info.value.code == 2
+    assert "shapes must look like" in capsys.readouterr().err
