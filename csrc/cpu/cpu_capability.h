@@ -1,5 +1,6 @@
-// The choice between the portable kernels and the ones compiled for AVX2 (kd_loss_avx2.cpp,
-// hint_loss_avx2.cpp): ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the portable ones.
+// The choice between the portable kernels and the ones compiled for AVX2 (avx2_target.h, whose
+// compiler condition this repeats): ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the
+// portable ones.
 #pragma once
 
 #include <ATen/Version.h>

@@ -1,0 +1,21 @@
+// Included first by the *_avx2.cpp files: compiles the rest of that translation unit for AVX2,
+// FMA and F16C, with at::vec in its AVX2 namespace. Only those files get these instructions, and
+// their kernels run only where the CPU has them (cpu_capability.h), so the library stays loadable
+// on any x86-64 machine. The pragma switches the instruction set without build-system flags, so
+// setup.py and CMakeLists.txt compile every file alike; GCC does not define the ISA macros for
+// it, so they are defined here for the headers (Sleef, ATen) that test them.
+//
+// AVX-512 is not built: the machines measured so far (AMD Zen 3) lack it, and ATen itself prefers
+// its AVX2 kernels for loops like these. On other compilers or CPUs the same kernels are compiled
+// as portable code in the AVX2 namespace, and cpu_capability.h never picks them.
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC target("avx2,fma,f16c")
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define CPU_CAPABILITY_AVX2
+#endif
+#define CPU_CAPABILITY AVX2
