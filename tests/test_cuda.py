@@ -43,8 +43,7 @@ def run_kd(s, t, temperature, teacher_grad=False, weights=None):
 
 def run_reference(s, t, temperature, teacher_grad=False, weights=None):
     """The same quantities in float64 from the same input values: the loss from
-    pykd.reference.kd_loss, the gradients from SPEC section 1's formulas (autograd through the
-    reference gives NaN for the teacher where it has -inf logits)."""
+    pykd.reference.kd_loss, the gradients from SPEC section 1's formulas."""
     s, t = s.detach().double(), t.detach().double()
     per_row = reference.kd_loss(s, t, temperature, reduction="none")
     kl = per_row / temperature**2
