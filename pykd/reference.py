@@ -13,7 +13,9 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     t = teacher_logits.double() / temperature
     log_ps, log_pt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     pt = log_pt.exp()
-    kl_rows = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
+    # Masking the log-ratio (not the product) keeps the gradient free of 0 * inf as well.
+    log_ratio = torch.where(pt > 0, log_pt - log_ps, torch.zeros_like(pt))
+    kl_rows = (pt * log_ratio).sum(-1)
     loss = kl_rows * temperature**2
     if reduction == "sum":
         loss = loss.sum()

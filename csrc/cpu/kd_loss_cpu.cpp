@@ -2,6 +2,7 @@
 // the choice of kernel for this CPU (ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the
 // portable one).
 #include "kd_loss.h"
+#include "cpu/allocate.h"
 #include "cpu/kd_loss_cpu.h"
 
 #include <ATen/ATen.h>
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(
     bool teacher_grad) {
   return kd_loss_bwd_impl(
       grad_kl, student_logits, teacher_logits, student_lse, teacher_lse, kl, temperature,
-      student_grad, teacher_grad, launch_backward);
+      student_grad, teacher_grad, empty_for_overwrite, launch_backward);
 }
 
 }  // namespace

@@ -137,8 +137,8 @@ inline acc_t exp_reference(acc_t running_max) {
 constexpr int64_t kBlock = 2048;
 
 // One row: KL(p_t || p_s) and the two log-sum-exps, in a single read of each row from memory.
-//   ys = s/T - ref_s, yt = t/T - ref_t, es = exp(ys), et = exp(yt)
-//   KL = sum(et * (yt - ys)) / sum(et) + log(sum(es) / sum(et))
+//   es = exp(s/T - ref_s), et = exp(t/T - ref_t)
+//   KL = sum(et * ((t - s)/T - (ref_t - ref_s))) / sum(et) + log(sum(es) / sum(et))
 // which avoids the cancellation of lse_t - lse_s when the logits are large.
 template <typename scalar_t>
 void forward_row(
@@ -156,7 +156,7 @@ void forward_row(
   const Vec zero(0), vinv(inv_temp);
 
   acc_t max_s = -kInf, max_t = -kInf, ref_s = 0, ref_t = 0;
-  Vec sum_s(0), sum_t(0), cross(0);  // cross = sum(et * (yt - ys))
+  Vec sum_s(0), sum_t(0), cross(0);  // cross = sum(et * log(p_t / p_s)) up to a row constant
   for (int64_t begin = 0; begin < cols; begin += kBlock) {
     const int64_t n = std::min(kBlock, cols - begin);
     Vec block_max_s(-kInf), block_max_t(-kInf);
@@ -190,16 +190,16 @@ void forward_row(
     }
     ref_s = new_ref_s;
 
-    const Vec vref_s(ref_s), vref_t(ref_t);
+    const Vec vref_s(ref_s), vref_t(ref_t), vref_diff(ref_t - ref_s);
     for_each_vec<S>(s + begin, t + begin, n, [&](const Vec& vs, const Vec& vt) {
-      const Vec ys = at::vec::fmsub(vs, vinv, vref_s);
-      const Vec yt = at::vec::fmsub(vt, vinv, vref_t);
-      const Vec es = ys.exp_u20();
-      const Vec et = yt.exp_u20();
+      const Vec es = at::vec::fmsub(vs, vinv, vref_s).exp_u20();
+      const Vec et = at::vec::fmsub(vt, vinv, vref_t).exp_u20();
       sum_s = sum_s + es;
       sum_t = sum_t + et;
+      // yt - ys from t - s, which is exact for close logits however large they are.
+      const Vec log_ratio = at::vec::fmsub(vt - vs, vinv, vref_diff);
       // 0 * log 0 = 0: a class the teacher gives no mass adds nothing, whatever the student says.
-      cross = cross + Vec::blendv(zero, et * (yt - ys), et > zero);
+      cross = cross + Vec::blendv(zero, et * log_ratio, et > zero);
     });
   }
   const acc_t total_s = reduce_sum(sum_s), total_t = reduce_sum(sum_t);
@@ -269,6 +269,137 @@ void backward_row(
   }
 }
 
+// Short rows (image classifiers' C = 10): one vector lane per row instead of per class, so a
+// group of kLanes rows needs no horizontal reductions. The group is first transposed into a
+// column-major scratch of the accumulation type; lanes past the last row repeat it and their
+// results are dropped.
+constexpr int64_t kMaxShortCols = 32;
+
+template <typename scalar_t>
+struct ShortRows {
+  using acc_t = typename Step<scalar_t>::acc_t;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kLanes = Vec::size();
+  static constexpr int64_t kScratch = kMaxShortCols * kLanes;
+
+  static void transpose_in(
+      const scalar_t* x, int64_t stride, int64_t rows, int64_t cols, acc_t* out) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      const scalar_t* row = x + std::min(lane, rows - 1) * stride;
+      for (int64_t c = 0; c < cols; ++c) {
+        out[c * kLanes + lane] = static_cast<acc_t>(row[c]);
+      }
+    }
+  }
+  static void transpose_out(const acc_t* in, int64_t rows, int64_t cols, scalar_t* x) {
+    for (int64_t lane = 0; lane < rows; ++lane) {
+      for (int64_t c = 0; c < cols; ++c) {
+        x[lane * cols + c] = static_cast<scalar_t>(in[c * kLanes + lane]);
+      }
+    }
+  }
+  // Lane-wise version of exp_reference: the maximum, or 0 where it is -inf.
+  static Vec exp_reference(const Vec& scaled_max) {
+    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+    return Vec::blendv(scaled_max, Vec(0), scaled_max == neg_inf);
+  }
+};
+
+// The forward of forward_row, for up to kLanes rows of at most kMaxShortCols classes.
+template <typename scalar_t>
+void forward_short_rows(
+    const scalar_t* s,
+    const scalar_t* t,
+    int64_t s_stride,
+    int64_t t_stride,
+    int64_t rows,
+    int64_t cols,
+    typename Step<scalar_t>::acc_t inv_temp,
+    typename Step<scalar_t>::acc_t* kl,
+    typename Step<scalar_t>::acc_t* lse_s,
+    typename Step<scalar_t>::acc_t* lse_t) {
+  using G = ShortRows<scalar_t>;
+  using Vec = typename G::Vec;
+  using acc_t = typename G::acc_t;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  alignas(64) acc_t xs[G::kScratch], xt[G::kScratch];
+  G::transpose_in(s, s_stride, rows, cols, xs);
+  G::transpose_in(t, t_stride, rows, cols, xt);
+
+  Vec max_s(-kInf), max_t(-kInf);
+  for (int64_t c = 0; c < cols; ++c) {
+    max_s = at::vec::maximum(max_s, Vec::loadu(xs + c * G::kLanes));
+    max_t = at::vec::maximum(max_t, Vec::loadu(xt + c * G::kLanes));
+  }
+  const Vec zero(0), vinv(inv_temp);
+  const Vec ref_s = G::exp_reference(max_s * vinv), ref_t = G::exp_reference(max_t * vinv);
+  const Vec ref_diff = ref_t - ref_s;
+  Vec sum_s(0), sum_t(0), cross(0);
+  for (int64_t c = 0; c < cols; ++c) {
+    const Vec vs = Vec::loadu(xs + c * G::kLanes), vt = Vec::loadu(xt + c * G::kLanes);
+    const Vec es = at::vec::fmsub(vs, vinv, ref_s).exp_u20();
+    const Vec et = at::vec::fmsub(vt, vinv, ref_t).exp_u20();
+    sum_s = sum_s + es;
+    sum_t = sum_t + et;
+    cross = cross + Vec::blendv(zero, et * at::vec::fmsub(vt - vs, vinv, ref_diff), et > zero);
+  }
+  (ref_s + sum_s.log()).store(lse_s, rows);
+  (ref_t + sum_t.log()).store(lse_t, rows);
+  const Vec no_student_mass = (sum_s == zero) & (sum_t > zero);
+  Vec::blendv(cross / sum_t + (sum_s / sum_t).log(), Vec(kInf), no_student_mass).store(kl, rows);
+}
+
+// The backward of backward_row, for up to kLanes rows of at most kMaxShortCols classes.
+template <typename scalar_t, bool kStudent, bool kTeacher>
+void backward_short_rows(
+    const scalar_t* s,
+    const scalar_t* t,
+    int64_t s_stride,
+    int64_t t_stride,
+    int64_t rows,
+    int64_t cols,
+    typename Step<scalar_t>::acc_t inv_temp,
+    const typename Step<scalar_t>::acc_t* lse_s,
+    const typename Step<scalar_t>::acc_t* lse_t,
+    const typename Step<scalar_t>::acc_t* kl,
+    const typename Step<scalar_t>::acc_t* grad,
+    int64_t grad_stride,
+    scalar_t* grad_s,
+    scalar_t* grad_t) {
+  using G = ShortRows<scalar_t>;
+  using Vec = typename G::Vec;
+  using acc_t = typename G::acc_t;
+  alignas(64) acc_t xs[G::kScratch], xt[G::kScratch], scale[G::kLanes];
+  G::transpose_in(s, s_stride, rows, cols, xs);
+  G::transpose_in(t, t_stride, rows, cols, xt);
+  for (int64_t lane = 0; lane < G::kLanes; ++lane) {
+    scale[lane] = grad[std::min(lane, rows - 1) * grad_stride] * inv_temp;
+  }
+  const Vec zero(0), vinv(inv_temp), vscale = Vec::loadu(scale);
+  const Vec vlse_s = Vec::loadu(lse_s, rows), vlse_t = Vec::loadu(lse_t, rows);
+  const Vec vkl = Vec::loadu(kl, rows);
+  for (int64_t c = 0; c < cols; ++c) {
+    acc_t* ps = xs + c * G::kLanes;
+    acc_t* pt = xt + c * G::kLanes;
+    const Vec log_ps = at::vec::fmsub(Vec::loadu(ps), vinv, vlse_s);
+    const Vec log_pt = at::vec::fmsub(Vec::loadu(pt), vinv, vlse_t);
+    const Vec prob_t = log_pt.exp_u20();
+    // The scratch is overwritten with the gradients, column by column.
+    if constexpr (kStudent) {
+      ((log_ps.exp_u20() - prob_t) * vscale).store(ps);
+    }
+    if constexpr (kTeacher) {
+      Vec::blendv(zero, prob_t * (log_pt - log_ps - vkl) * vscale, prob_t > zero).store(pt);
+    }
+  }
+  if constexpr (kStudent) {
+    G::transpose_out(xs, rows, cols, grad_s);
+  }
+  if constexpr (kTeacher) {
+    G::transpose_out(xt, rows, cols, grad_t);
+  }
+}
+
 // Rows per parallel task: enough elements that a task outweighs its scheduling.
 inline int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, 32768 / cols);
@@ -283,6 +414,19 @@ void forward_impl(const KdForwardArgs& a) {
   auto* lse_s = static_cast<acc_t*>(a.student_lse);
   auto* lse_t = static_cast<acc_t*>(a.teacher_lse);
   const auto inv_temp = static_cast<acc_t>(a.inv_temperature);
+  if (a.cols <= kMaxShortCols) {
+    constexpr int64_t kLanes = ShortRows<scalar_t>::kLanes;
+    const int64_t groups = (a.rows + kLanes - 1) / kLanes;
+    at::parallel_for(0, groups, grain_rows(a.cols) / kLanes, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin * kLanes; r < std::min(end * kLanes, a.rows); r += kLanes) {
+        forward_short_rows<scalar_t>(
+            s + r * a.student_stride, t + r * a.teacher_stride, a.student_stride,
+            a.teacher_stride, std::min(kLanes, a.rows - r), a.cols, inv_temp, kl + r, lse_s + r,
+            lse_t + r);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, a.rows, grain_rows(a.cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       forward_row<scalar_t>(
@@ -305,6 +449,20 @@ void backward_impl(const KdBackwardArgs& a) {
   auto* grad_s = static_cast<scalar_t*>(a.grad_student);
   auto* grad_t = static_cast<scalar_t*>(a.grad_teacher);
   const auto inv_temp = static_cast<acc_t>(f.inv_temperature);
+  if (f.cols <= kMaxShortCols) {
+    constexpr int64_t kLanes = ShortRows<scalar_t>::kLanes;
+    const int64_t groups = (f.rows + kLanes - 1) / kLanes;
+    at::parallel_for(0, groups, grain_rows(f.cols) / kLanes, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin * kLanes; r < std::min(end * kLanes, f.rows); r += kLanes) {
+        backward_short_rows<scalar_t, kStudent, kTeacher>(
+            s + r * f.student_stride, t + r * f.teacher_stride, f.student_stride,
+            f.teacher_stride, std::min(kLanes, f.rows - r), f.cols, inv_temp, lse_s + r,
+            lse_t + r, kl + r, grad + r * a.grad_stride, a.grad_stride, grad_s + r * f.cols,
+            grad_t + r * f.cols);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, f.rows, grain_rows(f.cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       backward_row<scalar_t, kStudent, kTeacher>(
