@@ -32,7 +32,8 @@ mkdir "$src"
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
   xargs -0 cp --parents -t "$src")
 
-echo "== building with CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+echo "== building: CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" \
+  "MAX_JOBS=$MAX_JOBS"
 start=$SECONDS
 (cd "$src" && "$py" setup.py -q build_ext --inplace)
 echo "== built in $((SECONDS - start)) s"

@@ -29,7 +29,8 @@ def logits(shape, dtype, scale=3.0, seed=0):
 
 
 def run_kd(s, t, temperature, teacher_grad=False, weights=None):
-    """The fused ops and the gradients of the batch-mean loss (or of sum(weights * per-row loss))."""
+    """The fused ops' outputs, the loss, and the gradients of the batch-mean loss (or of
+    sum(weights * per-row loss))."""
     s = s.detach().requires_grad_()
     t = t.detach().requires_grad_(teacher_grad)
     kl, lse_s, lse_t = ops.kd_loss_fwd(s, t, temperature)

@@ -1,14 +1,13 @@
 // What the CUDA forward and backward kernels share: how threads cover rows (RowTraits, chosen at
-// run time by choose_layout / dispatch_layout), loading a thread's share of a row, exp and log.
+// run time by choose_layout / dispatch_layout), loading a thread's share of a row, exp2 and logs.
 //
 // A row is read as "packs" of kWidth elements: 16-byte vectors on the vectorised path, single
-// elements otherwise. kThreadsPerRow threads share a row, pack p going to thread p % kThreadsPerRow,
-// so each load instruction of a warp reads contiguous memory. Short rows get a few threads each
-// (several rows per warp), medium rows a warp, long rows a whole block.
+// elements otherwise. kThreadsPerRow threads share a row, pack p going to thread
+// p % kThreadsPerRow, so each load instruction of a warp reads contiguous memory. Short rows get a
+// few threads each (several rows per warp), medium rows a warp, long rows a whole block.
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
