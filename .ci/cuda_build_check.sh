@@ -63,7 +63,8 @@ PY
 
 echo "== tests against the CUDA build"
 status=0
-(cd "$src" && "$py" -m pytest -q -p no:cacheprovider tests) || status=$?
+# PYTHONPATH: tests that start a Python of their own import this build too.
+(cd "$src" && PYTHONPATH="$src" "$py" -m pytest -q -p no:cacheprovider tests) || status=$?
 if [ "$status" -eq 5 ]; then
   echo "cuda build check: pytest collected no tests" >&2
   exit 1
