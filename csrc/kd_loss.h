@@ -2,8 +2,10 @@
 // CPU and CUDA implementations.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include "allocate.h"
+
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -110,11 +112,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_impl(
   return {kl, lse_s, lse_t};
 }
 
-// The body of pykd::kd_loss_bwd on any backend. allocate(sizes, options) makes a gradient that
-// the kernels overwrite in full; launch(const KdInputs&, const KdRowStats&,
+// The body of pykd::kd_loss_bwd on any backend. launch(const KdInputs&, const KdRowStats&,
 // at::Tensor* grad_student, at::Tensor* grad_teacher) fills the contiguous gradients it is given
 // (null for one not asked for); it is not called when there is nothing to compute.
-template <typename Allocate, typename Launch>
+template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_impl(
     const at::Tensor& grad_kl,
     const at::Tensor& student_logits,
@@ -125,7 +126,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_impl(
     double temperature,
     bool student_grad,
     bool teacher_grad,
-    const Allocate& allocate,
     const Launch& launch) {
   check_logits(student_logits, teacher_logits);
   check_temperature(temperature);
@@ -133,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_impl(
   check_row_stat(student_lse, "student_lse", student_logits);
   check_row_stat(teacher_lse, "teacher_lse", student_logits);
   check_row_stat(kl, "kl", student_logits);
-  auto gradient = [&](const at::Tensor& logits, bool wanted) {
-    return wanted ? allocate(logits.sizes(), logits.options()) : logits.new_empty({0});
+  auto gradient = [](const at::Tensor& logits, bool wanted) {
+    return wanted ? empty_for_overwrite(logits.sizes(), logits.options()) : logits.new_empty({0});
   };
   at::Tensor grad_s = gradient(student_logits, student_grad);
   at::Tensor grad_t = gradient(teacher_logits, teacher_grad);

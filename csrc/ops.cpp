@@ -15,4 +15,21 @@ TORCH_LIBRARY(pykd, m) {
       "kd_loss_bwd(Tensor grad_kl, Tensor student_logits, Tensor teacher_logits, "
       "Tensor student_lse, Tensor teacher_lse, Tensor kl, float temperature, "
       "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+
+  // The feature-hint loss sum_k weights[k] * mean((student_features[k] - teacher_features[k])^2)
+  // over K >= 1 pairs of any shapes (each pair one shape; all features one floating dtype and one
+  // device), all pairs in one kernel launch / one parallel region. Returns a 0-d tensor of the
+  // accumulation dtype (float32, or float64 for float64 features); an empty pair gives NaN (0 / 0),
+  // as F.mse_loss does. The reduction order is fixed by the shapes, so the result is deterministic.
+  m.def(
+      "hint_loss_fwd(Tensor[] student_features, Tensor[] teacher_features, float[] weights) -> "
+      "Tensor");
+  // Gradients of grad_loss * loss: grad_student[k] = grad_loss * 2 weights[k] / numel_k *
+  // (student_features[k] - teacher_features[k]) and grad_teacher[k] = -grad_student[k], in the
+  // features' dtype and the layout of empty_like of each feature, written in one pass. A list that
+  // is not asked for comes back empty.
+  m.def(
+      "hint_loss_bwd(Tensor grad_loss, Tensor[] student_features, Tensor[] teacher_features, "
+      "float[] weights, bool student_grad, bool teacher_grad) -> "
+      "(Tensor[] grad_student, Tensor[] grad_teacher)");
 }

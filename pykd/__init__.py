@@ -1,6 +1,7 @@
 """pykd: fused knowledge-distillation losses for PyTorch."""
 from . import ops  # noqa: F401  (registers fake kernels and autograd for torch.ops.pykd)
+from .hint import FeatureCapture, HintRegressor, hint_loss
 from .loss import KDLoss, kd_loss
 
-__all__ = ["KDLoss", "kd_loss"]
+__all__ = ["FeatureCapture", "HintRegressor", "KDLoss", "hint_loss", "kd_loss"]
 __version__ = "0.1.0"

@@ -7,10 +7,12 @@ import torch
 
 from . import _C  # noqa: F401
 
-__all__ = ["kd_loss_fwd", "kd_loss_bwd"]
+__all__ = ["kd_loss_fwd", "kd_loss_bwd", "hint_loss_fwd", "hint_loss_bwd"]
 
 kd_loss_fwd = torch.ops.pykd.kd_loss_fwd
 kd_loss_bwd = torch.ops.pykd.kd_loss_bwd
+hint_loss_fwd = torch.ops.pykd.hint_loss_fwd
+hint_loss_bwd = torch.ops.pykd.hint_loss_bwd
 
 
 def accumulation_dtype(dtype):
@@ -58,4 +60,47 @@ def _kd_loss_backward(ctx, grad_kl, _grad_student_lse, _grad_teacher_lse):
 
 torch.library.register_autograd(
     "pykd::kd_loss_fwd", _kd_loss_backward, setup_context=_kd_loss_setup_context
+)
+
+
+@torch.library.register_fake("pykd::hint_loss_fwd")
+def _hint_loss_fwd_fake(student_features, teacher_features, weights):
+    first = student_features[0]
+    return first.new_empty((), dtype=accumulation_dtype(first.dtype))
+
+
+@torch.library.register_fake("pykd::hint_loss_bwd")
+def _hint_loss_bwd_fake(
+    grad_loss, student_features, teacher_features, weights, student_grad, teacher_grad
+):
+    def gradients(features, wanted):
+        return [torch.empty_like(f) for f in features] if wanted else []
+
+    return gradients(student_features, student_grad), gradients(teacher_features, teacher_grad)
+
+
+def _hint_loss_setup_context(ctx, inputs, output):
+    student_features, teacher_features, weights = inputs
+    ctx.save_for_backward(*student_features, *teacher_features)
+    ctx.pairs = len(student_features)
+    ctx.weights = weights
+
+
+def _hint_loss_backward(ctx, grad_loss):
+    # For list inputs needs_input_grad holds one bool per tensor.
+    student_needs, teacher_needs = ctx.needs_input_grad[:2]
+    saved = ctx.saved_tensors
+    grad_student, grad_teacher = hint_loss_bwd(
+        grad_loss, saved[: ctx.pairs], saved[ctx.pairs :], ctx.weights,
+        any(student_needs), any(teacher_needs),
+    )
+
+    def masked(grads, needs):  # a list not asked for came back empty
+        return [g if need else None for g, need in zip(grads or [None] * len(needs), needs)]
+
+    return masked(grad_student, student_needs), masked(grad_teacher, teacher_needs), None
+
+
+torch.library.register_autograd(
+    "pykd::hint_loss_fwd", _hint_loss_backward, setup_context=_hint_loss_setup_context
 )

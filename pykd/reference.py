@@ -42,3 +42,12 @@ def kl_div_kd_loss(student_logits, teacher_logits, temperature=1.0):
     return (
         F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * temperature**2
     )
+
+
+def hint_loss(student_features, teacher_features, weights=None):
+    """The feature-hint loss as a Python loop of F.mse_loss: sum_k w_k * mean((s_k - t_k)^2)."""
+    if weights is None:
+        weights = [1.0] * len(student_features)
+    return sum(
+        w * F.mse_loss(s, t) for s, t, w in zip(student_features, teacher_features, weights)
+    )

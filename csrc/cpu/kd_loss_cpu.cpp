@@ -1,30 +1,16 @@
 // CPU implementations of pykd::kd_loss_fwd / kd_loss_bwd (checks and allocation are kd_loss.h's):
-// the choice of kernel for this CPU (ATen's own choice, so ATEN_CPU_CAPABILITY=default forces the
-// portable one).
+// the choice of kernel for this CPU (cpu/cpu_capability.h).
 #include "kd_loss.h"
-#include "cpu/allocate.h"
+#include "cpu/cpu_capability.h"
 #include "cpu/kd_loss_cpu.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 namespace pykd::cpu {
 namespace {
-
-bool use_avx2() {
-  static const bool avx2 = [] {
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-    const std::string capability = at::get_cpu_capability();
-    return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-  }();
-  return avx2;
-}
 
 KdForwardArgs forward_args(
     const KdInputs& in,
@@ -75,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cpu(
     bool teacher_grad) {
   return kd_loss_bwd_impl(
       grad_kl, student_logits, teacher_logits, student_lse, teacher_lse, kl, temperature,
-      student_grad, teacher_grad, empty_for_overwrite, launch_backward);
+      student_grad, teacher_grad, launch_backward);
 }
 
 }  // namespace

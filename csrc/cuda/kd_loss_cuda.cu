@@ -2,7 +2,6 @@
 // the logits' device and the current stream, with the kernels of kd_loss_fwd.cu / kd_loss_bwd.cu.
 #include "cuda/kd_loss_cuda.h"
 
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -32,11 +31,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_bwd_cuda(
   const c10::cuda::CUDAGuard device_guard(student_logits.device());
   return kd_loss_bwd_impl(
       grad_kl, student_logits, teacher_logits, student_lse, teacher_lse, kl, temperature,
-      student_grad, teacher_grad,
-      [](at::IntArrayRef sizes, const at::TensorOptions& options) {
-        return at::empty(sizes, options);
-      },
-      launch_kd_backward);
+      student_grad, teacher_grad, launch_kd_backward);
 }
 
 }  // namespace
