@@ -21,8 +21,15 @@ unset FORCE_CPU
 echo "== cuda build check: venv with torch==${PYKD_CUDA_TORCH:-2.14.1} in $work"
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
+# The project's own and its test dependencies, from pyproject.toml, beside the CUDA torch.
+deps=$(cd "$repo" && "$py" -c '
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+print(" ".join(r for r in reqs if not r.startswith("torch")))')
+# shellcheck disable=SC2086  # one word per requirement
 "$py" -m pip install -q --disable-pip-version-check \
-  "torch==${PYKD_CUDA_TORCH:-2.14.1}" numpy pytest ninja setuptools wheel
+  "torch==${PYKD_CUDA_TORCH:-2.14.1}" $deps ninja setuptools wheel
 "$py" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else "torch is not a CUDA build")'
 
 # A copy of the sources (tracked and untracked, not ignored), so that this build and its objects
