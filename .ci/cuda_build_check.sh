@@ -21,8 +21,15 @@ unset FORCE_CPU
 echo "== cuda build check: venv with torch==${PYKD_CUDA_TORCH:-2.14.1} in $work"
 python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
+# The project's own and its test dependencies, from pyproject.toml, beside the CUDA torch.
+deps=$(cd "$repo" && "$py" -c '
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+reqs = project["dependencies"] + project["optional-dependencies"]["test"]
+print(" ".join(r for r in reqs if not r.startswith("torch")))')
+# shellcheck disable=SC2086  # one word per requirement
 "$py" -m pip install -q --disable-pip-version-check \
-  "torch==${PYKD_CUDA_TORCH:-2.14.1}" numpy pytest ninja setuptools wheel
+  "torch==${PYKD_CUDA_TORCH:-2.14.1}" $deps ninja setuptools wheel
 "$py" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else "torch is not a CUDA build")'
 
 # A copy of the sources (tracked and untracked, not ignored), so that this build and its objects
@@ -32,7 +39,8 @@ mkdir "$src"
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard |
   xargs -0 cp --parents -t "$src")
 
-echo "== building with CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
+echo "== building: CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" \
+  "MAX_JOBS=$MAX_JOBS"
 start=$SECONDS
 (cd "$src" && "$py" setup.py -q build_ext --inplace)
 echo "== built in $((SECONDS - start)) s"
@@ -62,7 +70,8 @@ PY
 
 echo "== tests against the CUDA build"
 status=0
-(cd "$src" && "$py" -m pytest -q -p no:cacheprovider tests) || status=$?
+# PYTHONPATH: tests that start a Python of their own import this build too.
+(cd "$src" && PYTHONPATH="$src" "$py" -m pytest -q -p no:cacheprovider tests) || status=$?
 if [ "$status" -eq 5 ]; then
   echo "cuda build check: pytest collected no tests" >&2
   exit 1

@@ -1,4 +1,4 @@
-"""GPU benchmark of the KD loss, forward + backward with the student requiring grad (SPEC section 3).
+"""GPU benchmark of the KD loss: forward + backward, the student requiring grad (SPEC section 3).
 
 Side by side in one process, at SPEC's GPU shapes in float32 and bfloat16: pykd, the eager
 formulas (pykd.reference.tutorial_kd_loss and kl_div_kd_loss), torch.compile of each, and

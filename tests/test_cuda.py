@@ -29,7 +29,8 @@ def logits(shape, dtype, scale=3.0, seed=0):
 
 
 def run_kd(s, t, temperature, teacher_grad=False, weights=None):
-    """The fused ops and the gradients of the batch-mean loss (or of sum(weights * per-row loss))."""
+    """The fused ops' outputs, the loss, and the gradients of the batch-mean loss (or of
+    sum(weights * per-row loss))."""
     s = s.detach().requires_grad_()
     t = t.detach().requires_grad_(teacher_grad)
     kl, lse_s, lse_t = ops.kd_loss_fwd(s, t, temperature)
@@ -43,8 +44,7 @@ def run_kd(s, t, temperature, teacher_grad=False, weights=None):
 
 def run_reference(s, t, temperature, teacher_grad=False, weights=None):
     """The same quantities in float64 from the same input values: the loss from
-    pykd.reference.kd_loss, the gradients from SPEC section 1's formulas (autograd through the
-    reference gives NaN for the teacher where it has -inf logits)."""
+    pykd.reference.kd_loss, the gradients from SPEC section 1's formulas."""
     s, t = s.detach().double(), t.detach().double()
     per_row = reference.kd_loss(s, t, temperature, reduction="none")
     kl = per_row / temperature**2

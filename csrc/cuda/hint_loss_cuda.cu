@@ -15,9 +15,9 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
@@ -255,7 +255,7 @@ at::Tensor hint_loss_fwd_cuda(
       bias = std::numeric_limits<double>::quiet_NaN();
     }
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "hint_loss_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using T = Traits<scalar_t>;
@@ -294,7 +294,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hint_loss_bwd_cuda(
   for (size_t k = 0; k < pairs.size(); ++k) {
     scales.push_back(hint_grad_scale(1.0, weights[k], pairs[k].numel()));  // times grad_loss
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "hint_loss_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using T = Traits<scalar_t>;

@@ -1,16 +1,16 @@
 // What the CUDA forward and backward kernels share: how threads cover rows (RowTraits, chosen at
-// run time by choose_layout / dispatch_layout), loading a thread's share of a row, exp and log.
+// run time by choose_layout / dispatch_layout), loading a thread's share of a row, exp2 and logs.
 //
 // A row is read as "packs" of kWidth elements: 16-byte vectors on the vectorised path, single
-// elements otherwise. kThreadsPerRow threads share a row, pack p going to thread p % kThreadsPerRow,
-// so each load instruction of a warp reads contiguous memory. Short rows get a few threads each
-// (several rows per warp), medium rows a warp, long rows a whole block.
+// elements otherwise. kThreadsPerRow threads share a row, pack p going to thread
+// p % kThreadsPerRow, so each load instruction of a warp reads contiguous memory. Short rows get a
+// few threads each (several rows per warp), medium rows a warp, long rows a whole block.
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -70,24 +70,28 @@ inline Layout choose_layout(
   return Layout{threads, vectorized};
 }
 
-// Calls f(RowTraits<scalar_t, ...>{}) for the layout.
-template <typename scalar_t, typename F>
+// Calls f(RowTraits<scalar_t, ...>{}) for the layout, with at most kMaxThreadsPerRow threads on a
+// row (only those kernels are compiled).
+template <typename scalar_t, int kMaxThreadsPerRow = 1024, typename F>
 void dispatch_layout(const Layout& layout, const F& f) {
+  const int threads = std::min(layout.threads_per_row, kMaxThreadsPerRow);
   auto with_threads = [&](auto vectorized) {
     constexpr bool kVectorized = decltype(vectorized)::value;
-    switch (layout.threads_per_row) {
-      case 4:
-        return f(RowTraits<scalar_t, 4, kVectorized>{});
-      case kWarpSize:
-        return f(RowTraits<scalar_t, kWarpSize, kVectorized>{});
-      case 256:
-        return f(RowTraits<scalar_t, 256, kVectorized>{});
-      case 1024:
-        return f(RowTraits<scalar_t, 1024, kVectorized>{});
-      default:
-        TORCH_INTERNAL_ASSERT(false, "kd_loss: no kernel for ", layout.threads_per_row,
-                              " threads per row");
+    if (threads == 4) {
+      return f(RowTraits<scalar_t, 4, kVectorized>{});
     }
+    if (threads == kWarpSize) {
+      return f(RowTraits<scalar_t, kWarpSize, kVectorized>{});
+    }
+    if (threads == 256) {
+      return f(RowTraits<scalar_t, 256, kVectorized>{});
+    }
+    if constexpr (kMaxThreadsPerRow >= 1024) {
+      if (threads == 1024) {
+        return f(RowTraits<scalar_t, 1024, kVectorized>{});
+      }
+    }
+    TORCH_INTERNAL_ASSERT(false, "kd_loss: no kernel for ", threads, " threads per row");
   };
   layout.vectorized ? with_threads(std::true_type{}) : with_threads(std::false_type{});
 }
@@ -131,14 +135,24 @@ __device__ __forceinline__ void load_chunk(
   }
 }
 
-// exp and log in the accumulation type. The float exp is the hardware approximation (relative
-// error ~1e-6 over the range that matters, far below float16/bfloat16 resolution and the float32
-// tolerance); float64 keeps the exact ones so that gradcheck holds.
-__device__ __forceinline__ float exp_acc(float x) {
-  return __expf(x);
+// The kernels work in base 2: with x2 = x * (log2(e) / T), exp(x/T - ref) is exp2(x2 - ref2), one
+// multiply-add and the hardware's exp2 (~2 ulp). An accurate natural exp wraps that instruction in
+// a range reduction, and the fast one (__expf) loses accuracy as |x| grows. Row results are
+// converted back to natural logarithms once per row.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+__device__ __forceinline__ float exp2_acc(float x) {
+  return ::exp2f(x);
 }
-__device__ __forceinline__ double exp_acc(double x) {
-  return ::exp(x);
+__device__ __forceinline__ double exp2_acc(double x) {
+  return ::exp2(x);
+}
+__device__ __forceinline__ float log2_acc(float x) {
+  return ::log2f(x);
+}
+__device__ __forceinline__ double log2_acc(double x) {
+  return ::log2(x);
 }
 __device__ __forceinline__ float log_acc(float x) {
   return ::logf(x);
