@@ -118,7 +118,7 @@ def test_large_logits_and_temperatures(device, dtype, temperature, classes):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
-@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+@pytest.mark.parametrize("offset", [-1e4, -1e3, 0.0, 1e3, 1e4])
 def test_large_common_offset_keeps_float32_accuracy(device, temperature, offset):
     """Logits far from 0 (softmax is shift-invariant): no cancellation of two large LSEs."""
     student = logits((4, 3000), torch.float64, device, scale=3.0, seed=11) + offset
@@ -127,6 +127,18 @@ def test_large_common_offset_keeps_float32_accuracy(device, temperature, offset)
     loss = pykd.kd_loss(student, teacher, temperature).double()
     expected = reference.kd_loss(student.double(), teacher.double(), temperature)
     torch.testing.assert_close(loss, expected, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_rows_masked_at_first_then_very_negative(device):
+    """A row walked in blocks whose first blocks hold only -inf and whose maximum is far below 0:
+    moving the running sums to the first finite maximum must not make 0 * inf."""
+    student = logits((3, 5000), torch.float32, device, scale=3.0, seed=29) - 500.0
+    teacher = logits((3, 5000), torch.float32, device, scale=3.0, seed=30) - 500.0
+    teacher[:, :4100] = float("-inf")
+    student[0, :4100] = float("-inf")
+    loss, gs, gt = check_against_reference(student, teacher, 1.0)
+    assert torch.isfinite(loss) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
