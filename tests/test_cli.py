@@ -2,15 +2,13 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from pykd import cli
+from testing import run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "1", "--train-fraction", "0.1", "--no-progress"]
 
 
@@ -134,21 +132,17 @@ def test_sweep_writes_png_and_json(teacher, tmp_path):
 
 
 def test_python_dash_m(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "pykd", "eval", "--checkpoint", tmp_path / "x.pt"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = run_python(["-m", "pykd", "eval", "--checkpoint", tmp_path / "x.pt"], timeout=120)
     assert done.returncode == 2
     assert done.stderr == f"pykd eval: error: checkpoint not found: {tmp_path / 'x.pt'}\n"
 
 
 def test_torchrun_two_processes(teacher, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "pykd", "distill", "--teacher", str(teacher), "--student", "tutorial-student",
-         "--out", str(tmp_path), "--epochs", "2", "--train-fraction", "0.2", "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=180)
+    done = run_python(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pykd", "distill", "--teacher", teacher, "--student", "tutorial-student",
+         "--out", tmp_path, "--epochs", "2", "--train-fraction", "0.2", "--no-progress"],
+        env={"OMP_NUM_THREADS": "1"}, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "tutorial-student-distilled.json").read_text())
     single = json.loads((teacher.parent / "teacher.json").read_text())

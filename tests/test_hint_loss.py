@@ -1,7 +1,4 @@
 """The batched feature-hint loss (SPEC section 2), HintRegressor and FeatureCapture."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ from torch import nn
 
 import pykd
 from pykd import FeatureCapture, HintRegressor, ops, reference
-from testing import DEVICES, DTYPES, assert_close
+from testing import DEVICES, DTYPES, assert_close, run_python
 
 # A 4-D conv map, one larger than a CPU chunk (2^16 elements, split across threads), 2-D vectors,
 # a 1x1 map and single elements: pairs of different shapes in one call.
@@ -108,13 +105,7 @@ def test_portable_kernels_match():
     )
     outputs = {}
     for capability in ("default", None):
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-        env["PYTHONPATH"] = os.pathsep.join(sys.path)  # find pykd as this process does
-        if capability:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        run = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
+        run = run_python(["-c", code], env={"ATEN_CPU_CAPABILITY": capability}, check=True)
         outputs[capability] = [[float(v) for v in line.split()] for line in run.stdout.splitlines()]
     for dtype, a, b in zip(DTYPES[1:], outputs["default"], outputs[None]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0, msg=str(dtype))

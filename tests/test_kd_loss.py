@@ -1,8 +1,5 @@
 """pykd.kd_loss and its ops against the float64 reference, on every dtype and device."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import torch.nn.functional as F
 
 import pykd
 from pykd import reference
-from testing import DEVICES, DTYPES, assert_close
+from testing import DEVICES, DTYPES, assert_close, run_python
 
 CLASS_COUNTS = [1, 3, 10, 1000, 4099, 32000, 128256]
 
@@ -274,11 +271,7 @@ def test_portable_cpu_kernel_matches_reference():
         "    assert_close(s.grad, s2.grad, dtype, scale=float(s2.grad.abs().max()))\n"
         "print(torch.backends.cpu.get_cpu_capability())\n"
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tests_dir, capture_output=True, text=True
-    )
+    out = run_python(["-c", code], env={"ATEN_CPU_CAPABILITY": "default"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "DEFAULT"
 

@@ -1,4 +1,8 @@
 """The test matrix shared by every test module: dtypes, devices and tolerances."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,4 +40,26 @@ def assert_close(actual, expected, dtype, scale=1.0):
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=rtol, atol=atol * scale, equal_nan=True
+    )
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_python(args, env=None, **kwargs):
+    """Runs `python *args` in a child that imports the same pykd as this process (an installed one,
+    or a source tree with its extension built in place): the folder holding the imported package
+    goes first on PYTHONPATH, and the child starts in tests/, never in a checkout whose pykd/ has
+    no extension. `env` adds variables; a value of None removes one."""
+    pythonpath = [os.path.dirname(os.path.dirname(pykd.__file__)), TESTS_DIR]
+    pythonpath += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    child_env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
+    for name, value in (env or {}).items():
+        if value is None:
+            child_env.pop(name, None)
+        else:
+            child_env[name] = value
+    kwargs.setdefault("cwd", TESTS_DIR)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], env=child_env, capture_output=True, text=True, **kwargs
     )
