@@ -11,7 +11,7 @@ from torch import nn
 
 __all__ = [
     "metrics_from_confusion", "model_cost", "count_macs", "inference_ms_per_image",
-    "write_json", "comparison_table", "plot_curves", "plot_sweep",
+    "write_atomically", "write_json", "comparison_table", "plot_curves", "plot_sweep",
 ]
 
 
@@ -103,15 +103,16 @@ def model_cost(model, images):
     }
 
 
-def write_json(path, obj):
-    """Writes `obj` as JSON atomically (a reader never sees half a file)."""
+def write_atomically(path, write, binary=False):
+    """Calls write(file) on a temporary file in path's directory, fsyncs it and renames it over
+    path (and fsyncs the directory): a crash at any point leaves either the old file or the new
+    one, never a torn file."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -119,6 +120,21 @@ def write_json(path, obj):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # makes the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path, obj):
+    """Writes `obj` as JSON atomically (a reader never sees half a file)."""
+
+    def write(f):
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    write_atomically(path, write)
 
 
 def _mean_std(values):

@@ -20,7 +20,6 @@ resumed from epoch k ends with the same weights, bit for bit, as one that never 
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -124,26 +123,9 @@ def _all_reduce(ctx, tensor):
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file in the same directory, fsync, then os.replace: a crash at
-    any point leaves either the previous checkpoint or the new one, never a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """torch.save, atomically: a crash at any point leaves either the previous checkpoint or the
+    new one, never a torn file."""
+    report.write_atomically(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load_checkpoint(path):
