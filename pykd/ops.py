@@ -104,3 +104,16 @@ def _hint_loss_backward(ctx, grad_loss):
 torch.library.register_autograd(
     "pykd::hint_loss_fwd", _hint_loss_backward, setup_context=_hint_loss_setup_context
 )
+
+
+def _no_second_derivatives(loss_name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{loss_name}: second derivatives are not implemented")
+
+    return backward
+
+
+# Differentiating through a backward op (create_graph=True, then backward again) is an error,
+# never a silent zero.
+torch.library.register_autograd("pykd::kd_loss_bwd", _no_second_derivatives("kd_loss"))
+torch.library.register_autograd("pykd::hint_loss_bwd", _no_second_derivatives("hint_loss"))

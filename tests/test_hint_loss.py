@@ -402,3 +402,11 @@ def test_capture_distillation_step():
     assert student[2].weight.grad is None  # after the hinted layer
     assert all(p.grad is None for p in teacher.parameters())
 
+
+
+def test_second_derivatives_raise():
+    student = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True)]
+    teacher = [torch.randn(3, 4, dtype=torch.float64)]
+    (grad,) = torch.autograd.grad(pykd.hint_loss(student, teacher), student, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+        grad.sum().backward()

@@ -155,13 +155,22 @@ def test_opcheck(device, dtype):
     student = logits((5, 129), dtype, device, seed=15).requires_grad_()
     teacher = logits((5, 129), dtype, device, seed=16).requires_grad_()
     torch.library.opcheck(torch.ops.pykd.kd_loss_fwd.default, (student, teacher, 2.0))
-    kl, lse_s, lse_t = torch.ops.pykd.kd_loss_fwd(student, teacher, 2.0)
+    with torch.no_grad():  # as autograd calls the backward op
+        kl, lse_s, lse_t = torch.ops.pykd.kd_loss_fwd(student, teacher, 2.0)
     for wanted in [(True, False), (False, True), (True, True)]:
         torch.library.opcheck(
             torch.ops.pykd.kd_loss_bwd.default,
             (torch.rand_like(kl), student.detach(), teacher.detach(), lse_s, lse_t, kl, 2.0,
              *wanted),
         )
+
+
+def test_second_derivatives_raise():
+    student = logits((4, 10), torch.float64, "cpu").requires_grad_()
+    teacher = logits((4, 10), torch.float64, "cpu", seed=1)
+    (grad,) = torch.autograd.grad(pykd.kd_loss(student, teacher, 2.0), student, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+        grad.sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
