@@ -64,7 +64,7 @@ def forward_backward(loss_fn, student, teacher):
     return step
 
 
-def measure(shape, dtype, device, names=None, repeats=5):
+def measure(shape, dtype, device, losses, repeats=5):
     """One row of the table: ms per implementation, pykd's GB/s and the copy GB/s."""
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -74,11 +74,8 @@ def measure(shape, dtype, device, names=None, repeats=5):
     if not torch.allclose(got, expected, rtol=2e-2, atol=1e-4):
         raise RuntimeError(f"pykd.kd_loss disagrees with the reference at {shape} {dtype}")
     row = {"N": shape[0], "C": shape[1], "dtype": str(dtype).replace("torch.", "")}
-    for name, fn in implementations().items():
-        if names is None or name in names:
-            row[f"{name}_ms"] = median_ms(
-                forward_backward(fn, student, teacher), device, repeats=repeats
-            )
+    for name, fn in losses.items():
+        row[f"{name}_ms"] = median_ms(forward_backward(fn, student, teacher), device, repeats=repeats)
     floor_bytes = 3 * student.numel() * student.element_size()
     row["pykd_gbps"] = floor_bytes / row["pykd_ms"] / 1e6
     row["copy_gbps"] = copy_gbps(student.numel(), dtype, device)
@@ -114,7 +111,7 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--shapes", type=parse_shapes, help="NxC,... (default: SPEC's shapes)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
-    parser.add_argument("--only", help="comma-separated implementations (default: all)")
+    parser.add_argument("--only", help="implementations to time beside pykd (default: all)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per median")
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
@@ -127,15 +124,17 @@ def run(args):
     dtypes = [getattr(torch, name, None) for name in args.dtypes.split(",")]
     if not all(isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes):
         raise ValueError(f"--dtypes must name floating-point torch dtypes, got {args.dtypes!r}")
-    names = args.only.split(",") if args.only else None
-    unknown = set(names or ()) - set(implementations())
+    losses = implementations()
+    names = args.only.split(",") if args.only else list(losses)
+    unknown = set(names) - set(losses)
     if unknown:
         raise ValueError(f"--only: unknown implementations {sorted(unknown)}; "
-                         f"choose from {sorted(implementations())}")
+                         f"choose from {sorted(losses)}")
+    losses = {name: losses[name] for name in dict.fromkeys(["pykd", *names])}  # pykd first, once
     rows = []
     for shape in shapes:
         for dtype in dtypes:
-            rows.append(measure(shape, dtype, device, names, args.repeats))
+            rows.append(measure(shape, dtype, device, losses, args.repeats))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")

@@ -183,3 +183,10 @@ def test_bench_bad_shapes(capsys):
         pykd("bench", "--shapes", "8by10")
     assert exit_info.value.code == 2
     assert "shapes must look like" in capsys.readouterr().err
+
+
+def test_bench_always_times_pykd(capsys):
+    assert pykd("bench", "--shapes", "16x10", "--dtypes", "float32", "--only", "eager_tutorial",
+                "--repeats", "1") == 0
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| N |")]
+    assert "pykd ms" in header[-1] and "eager_tutorial ms" in header[-1]
