@@ -3,18 +3,25 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(pykd, m) {
-  // Per-row KL(p_t || p_s) of the temperature softmaxes, without the T^2 factor, plus the per-row
-  // log-sum-exps of s/T and t/T that the backward needs. Outputs have the leading shape of the
-  // logits and the accumulation dtype (float32, or float64 for float64 logits).
+  // The KD-loss family in one pass (SPEC sections 1 and 3). Row r's loss is
+  //   soft_weight * T^2 * D_beta(p_t || p_s) + hard_weight * cross_entropy(s, labels[r])
+  // with D_beta the divergence that beta selects (0: KL(p_t||p_s), 1: KL(p_s||p_t), between: the
+  // generalized Jensen-Shannon divergence) and the cross-entropy on the unscaled student logits.
+  // Rows whose label is ignore_index add 0 and get zero gradients; without labels every row is
+  // valid. reduction: "batchmean" (sum over rows / number of valid rows, 0 when none is valid),
+  // "sum", or "none" (per-row values, the logits' leading shape). The loss has the dtype
+  // promote_types(student, teacher). When student_grad / teacher_grad is set, the same kernel also
+  // returns d loss / d logits for an upstream gradient of 1 (per row for "none"), in that logits'
+  // dtype; a gradient not asked for comes back as an empty tensor of shape [0].
   m.def(
-      "kd_loss_fwd(Tensor student_logits, Tensor teacher_logits, float temperature) -> "
-      "(Tensor kl, Tensor student_lse, Tensor teacher_lse)");
-  // Gradients of sum(grad_kl * kl) with respect to the logits. A gradient that is not asked for
-  // comes back as an empty tensor of shape [0].
-  m.def(
-      "kd_loss_bwd(Tensor grad_kl, Tensor student_logits, Tensor teacher_logits, "
-      "Tensor student_lse, Tensor teacher_lse, Tensor kl, float temperature, "
-      "bool student_grad, bool teacher_grad) -> (Tensor grad_student, Tensor grad_teacher)");
+      "kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels, float temperature, "
+      "float beta, float soft_weight, float hard_weight, int ignore_index, str reduction, "
+      "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, "
+      "Tensor grad_teacher)");
+  // Multiplies gradients in place by scale (one value, or one per row of a single gradient),
+  // leaving untouched the rows whose scale is exactly 1. It reads scale on its own device: the
+  // backward of the fused losses, without a host sync.
+  m.def("scale_grads_(Tensor(a!)[] grads, Tensor scale) -> ()");
 
   // The feature-hint loss sum_k weights[k] * mean((student_features[k] - teacher_features[k])^2)
   // over K >= 1 pairs of any shapes (each pair one shape; all features one floating dtype and one
