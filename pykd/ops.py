@@ -30,6 +30,30 @@ def scale_saved_grads(grads, grad_output):
     return [g * grad_output.to(g.dtype) for g in grads]
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients through; differentiating them again is an error."""
+
+    @staticmethod
+    def forward(ctx, name, _requires_grad, *grads):
+        ctx.name = name
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name}: second derivatives are not implemented")
+
+
+def first_order_only(name, grads):
+    """The gradients a fused loss's backward returns. Under backward(create_graph=True) they
+    would only carry the upstream gradient's part of a second derivative (the kept gradient has no
+    graph), so differentiating them raises instead of silently giving a wrong result."""
+    if not torch.is_grad_enabled():
+        return grads
+    # The empty tensor that requires grad gives the outputs a grad_fn even when the upstream
+    # gradient has none, so that differentiating them reaches the error.
+    return list(_FirstOrderOnly.apply(name, torch.empty(0, requires_grad=True), *grads))
+
+
 @torch.library.register_fake("pykd::kd_loss")
 def _kd_loss_fake(
     student_logits, teacher_logits, labels, temperature, beta, soft_weight, hard_weight,
@@ -53,8 +77,6 @@ def _kd_loss_setup_context(ctx, inputs, output):
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
-    if torch.is_grad_enabled():  # backward(create_graph=True): the saved gradient has no graph
-        raise RuntimeError("kd_loss: second derivatives are not implemented")
     needs_student, needs_teacher = ctx.needs_input_grad[:2]
     if (needs_student and not ctx.student_grad) or (needs_teacher and not ctx.teacher_grad):
         raise RuntimeError(
@@ -65,7 +87,7 @@ def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
     grad_student, grad_teacher = ctx.saved_tensors
     wanted = [g for g, need in ((grad_student, needs_student), (grad_teacher, needs_teacher))
               if need]
-    scaled = iter(scale_saved_grads(wanted, grad_loss))
+    scaled = iter(first_order_only("kd_loss", scale_saved_grads(wanted, grad_loss)))
     return (
         next(scaled) if needs_student else None,
         next(scaled) if needs_teacher else None,

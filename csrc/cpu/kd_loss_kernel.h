@@ -116,8 +116,8 @@ void load_step(const scalar_t* p, int64_t n, typename Step<scalar_t>::Vec& a,
 template <typename Vec>
 struct VecMath {
   using V = Vec;
-  static V where_positive(const V& x, const V& value) {
-    return V::blendv(V(0), value, x > V(0));
+  static V unless_zero(const V& x, const V& value) {
+    return V::blendv(value, V(0), x == V(0));
   }
   static V log(const V& x) {
     return x.log();
@@ -289,12 +289,17 @@ typename Step<scalar_s>::acc_t long_row(
   acc_t ref_s, ref_t, total_s, total_t;
   combine(ref_s_b, mult_s, max_s, L.inv_temp, ref_s, total_s);
   combine(ref_t_b, mult_t, max_t, L.inv_temp, ref_t, total_t);
+  // A side without mass (every logit -inf) keeps probabilities 0 and log-probabilities -inf, so
+  // that a student without mass where the teacher has some gives +inf, not NaN.
+  const acc_t inv_s = total_s > 0 ? 1 / total_s : 0, inv_t = total_t > 0 ? 1 / total_t : 0;
   for (int64_t b = 0; b < blocks; ++b) {
-    mult_s[b] /= total_s;
-    mult_t[b] /= total_t;
+    mult_s[b] *= inv_s;
+    mult_t[b] *= inv_t;
   }
-  const acc_t log_total_s = std::log(total_s), log_total_t = std::log(total_t);
-  const acc_t log_total_ratio = std::log(total_t / total_s);
+  const acc_t log_total_s = total_s > 0 ? std::log(total_s) : 0;
+  const acc_t log_total_t = total_t > 0 ? std::log(total_t) : 0;
+  const acc_t log_total_ratio =
+      total_s > 0 && total_t > 0 ? std::log(total_t / total_s) : log_total_t - log_total_s;
   acc_t lse1 = ref_s + log_total_s;  // at T = 1
   if (hard_exp) {
     acc_t ref1, total1;
@@ -464,8 +469,13 @@ void short_rows(
       total1 = total1 + (vs - ref1).exp_u20();
     }
   }
-  const Vec inv_s = Vec(1) / total_s, inv_t = Vec(1) / total_t;
-  const Vec log_s = total_s.log(), log_t = total_t.log(), log_ratio = (total_t / total_s).log();
+  // As in long_row: a side without mass keeps probabilities 0 and log-probabilities -inf.
+  const Vec has_s = total_s > zero, has_t = total_t > zero;
+  const Vec inv_s = Vec::blendv(zero, Vec(1) / total_s, has_s);
+  const Vec inv_t = Vec::blendv(zero, Vec(1) / total_t, has_t);
+  const Vec log_s = Vec::blendv(zero, total_s.log(), has_s);
+  const Vec log_t = Vec::blendv(zero, total_t.log(), has_t);
+  const Vec log_ratio = Vec::blendv(log_t - log_s, (total_t / total_s).log(), has_s & has_t);
   const Vec lse1 = hard_exp ? ref1 + total1.log() : ref_s + log_s;
   const Vec grad_soft(L.grad_soft), grad_hard(L.grad_hard);
 
