@@ -458,7 +458,10 @@ def test_gradcheck_every_divergence_with_masks_and_hard_labels(device, beta, cla
     for soft, hard, lab in [(1.0, 0.0, None), (1.0, 0.0, labels), (0.4, 0.6, labels)]:
         for reduction in ("batchmean", "none"):
             module = pykd.KDLoss(1.7, soft, hard, beta=beta, reduction=reduction)
-            assert torch.autograd.gradcheck(lambda s, t: module(s, t, lab), (student, teacher))
+            # Rows of several blocks: a random projection of the Jacobian (fast_mode) keeps it short.
+            assert torch.autograd.gradcheck(
+                lambda s, t: module(s, t, lab), (student, teacher), fast_mode=classes > 100
+            )
 
 
 def test_labels_are_checked():
