@@ -26,20 +26,22 @@
 //      is written right away.
 //   3. Only when a non-direct side's gradient is wanted (every divergence but one side of each
 //      KL): the same per-class terms again, now writing T * soft_weight / D * (w_j - p_j * sum w).
-// Sweeps 2 and 3 walk the row in common packs of kW classes (16 bytes of the wider dtype) from
-// the boundary where most of the tensors they touch in global memory are aligned; a tensor whose
-// alignment differs from that is read or written element by element there (sweep 1 still reads
-// it in vectors).
+// Sweeps 2 and 3 walk the row in common packs of kW classes (16 bytes of the wider dtype, at most
+// 4 classes) from the boundary where most of the tensors they touch in global memory are aligned;
+// a tensor whose alignment differs from that one is read or written element by element there
+// (sweep 1 still reads it in vectors). Contiguous logits and gradients always agree.
 //
-// Where sweeps 2 and 3 read the row. When the block's rows fit in kMaxStageBytes of dynamic
-// shared memory (both tensors in their own dtypes, e.g. up to ~2700 float32 or ~5500 bfloat16
-// classes for a row per block), sweep 1 also stages the row there and sweeps 2 and 3 read it from
-// shared memory: s and t come from global memory exactly once. The long-row path: a row that does
-// not fit is read from global memory again by sweeps 2 and 3. Sweep 1 reads it front to back,
-// sweep 2 back to front and sweep 3 front to back again, so that each re-read starts with the part
-// of the row read most recently, the part most likely still in L2 (a block's row is 128 KB for
-// 32000 bfloat16 classes: the rows of all resident blocks fit in an H100/H200's 50 MB L2; for
-// 128256 float32 classes, 1 MB a row, they do not and part of each re-read comes from HBM).
+// Where sweeps 2 and 3 read the row. When the block's rows fit in kMaxStageBytes (44 KiB) of
+// dynamic shared memory, both tensors in their own dtypes, sweep 1 also stages the row there and
+// sweeps 2 and 3 read it from shared memory: s and t come from global memory exactly once. With
+// about 4 packs per thread that holds for every row up to ~5600 classes of a float32 pair
+// (~11000 of a 16-bit pair; float64 rows from ~1400 classes on are not staged). The long-row path: a row that does not fit is
+// read from global memory again by sweeps 2 and 3. Sweep 1 reads it front to back, sweep 2 back to
+// front and sweep 3 front to back again, so that each re-read starts with the part of the row read
+// most recently, the part most likely still in L2 (a 512-thread block per row, two per SM: for
+// 32000 bfloat16 classes, 128 KB a row, the rows in flight on an H100/H200 take ~34 MB of its
+// 50 MB L2; for 128256 float32 classes, 1 MB a row, they do not fit and part of each re-read
+// comes from HBM).
 //
 // Masked rows (label == ignore_index) read nothing and write zero gradients and a zero loss.
 // Every thread of a block runs every reduction and barrier, whatever its row (past the last row,
