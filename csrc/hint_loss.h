@@ -1,5 +1,6 @@
-// Argument checks and flat views shared by the CPU and CUDA implementations of the hint-loss ops
-// (SPEC section 2: loss = sum_k w_k * mean((f_s,k - f_t,k)^2) over K feature pairs).
+// Argument checks and flat views shared by the CPU and CUDA implementations of pykd::hint_loss
+// (SPEC section 2: loss = sum_k w_k * mean((f_s,k - f_t,k)^2) over K feature pairs, and in the
+// same pass its gradients for an upstream gradient of 1).
 #pragma once
 
 #include "allocate.h"
@@ -50,16 +51,6 @@ inline void check_hint_features(
     TORCH_CHECK_VALUE(
         std::isfinite(weights[k]), op, ": weights[", k, "] must be finite, got ", weights[k]);
   }
-}
-
-// The upstream gradient of the loss: one value of the accumulation dtype on the features' device.
-inline void check_hint_grad(const at::Tensor& grad_loss, const at::Tensor& feature) {
-  const at::ScalarType acc = at::toOpMathType(feature.scalar_type());
-  TORCH_CHECK_VALUE(
-      grad_loss.numel() == 1 && grad_loss.scalar_type() == acc &&
-          grad_loss.device() == feature.device(),
-      "hint_loss_bwd: grad_loss must be a single ", acc, " on ", feature.device(), ", got shape ",
-      grad_loss.sizes(), " of ", grad_loss.scalar_type(), " on ", grad_loss.device());
 }
 
 // Strides that agree on every dimension of size > 1 give the same order of elements in memory.
@@ -137,10 +128,10 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hint_gradien
   return {std::move(grad_student), std::move(grad_teacher)};
 }
 
-// d loss / d f_s,k = grad * 2 w_k / numel_k * (f_s,k - f_t,k). An empty pair has no elements to
-// scale; its 0 / 0 in the forward is NaN, as in F.mse_loss.
-inline double hint_grad_scale(double grad, double weight, int64_t numel) {
-  return numel == 0 ? 0.0 : grad * 2.0 * weight / static_cast<double>(numel);
+// d loss / d f_s,k = 2 w_k / numel_k * (f_s,k - f_t,k) for an upstream gradient of 1. An empty
+// pair has no elements to scale; its 0 / 0 in the loss is NaN, as in F.mse_loss.
+inline double hint_grad_scale(double weight, int64_t numel) {
+  return numel == 0 ? 0.0 : 2.0 * weight / static_cast<double>(numel);
 }
 
 }  // namespace pykd

@@ -189,20 +189,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_impl(
   return {loss.scalar_type() == loss_dtype ? loss : loss.to(loss_dtype), grad_s, grad_t};
 }
 
-// pykd::scale_grads_'s checks: each gradient [..., C]; scale one value, or (for a single
-// gradient) one per row; one device.
-inline void check_scale_grads(at::TensorList grads, const at::Tensor& scale) {
-  for (const at::Tensor& g : grads) {
-    TORCH_CHECK_VALUE(
-        g.device() == scale.device(), "scale_grads_: gradients and scale must be on one device, got ",
-        g.device(), " and ", scale.device());
-    TORCH_CHECK_VALUE(g.is_contiguous(), "scale_grads_: gradients must be contiguous");
-    TORCH_CHECK_VALUE(
-        scale.numel() == 1 || (grads.size() == 1 && g.dim() >= 1 &&
-                               scale.numel() * g.size(-1) == g.numel()),
-        "scale_grads_: scale must hold one value, or one per row of a single gradient, got shape ",
-        scale.sizes(), " for a gradient of shape ", g.sizes());
-  }
-}
-
 }  // namespace pykd

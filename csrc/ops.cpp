@@ -18,25 +18,30 @@ TORCH_LIBRARY(pykd, m) {
       "float beta, float soft_weight, float hard_weight, int ignore_index, str reduction, "
       "bool student_grad, bool teacher_grad) -> (Tensor loss, Tensor grad_student, "
       "Tensor grad_teacher)");
-  // Multiplies gradients in place by scale (one value, or one per row of a single gradient),
-  // leaving untouched the rows whose scale is exactly 1. It reads scale on its own device: the
-  // backward of the fused losses, without a host sync.
+  // The backward of every fused loss: multiplies each gradient in place by scale, the upstream
+  // gradient: one value for all of them, or one per row (scale then has as many elements as each
+  // gradient [..., C] has rows, in any shape and strides, and each gradient is contiguous). The
+  // gradients are the ones a loss wrote in its forward: any floating dtype each, dense (any
+  // memory format), distinct tensors, on scale's device; scale of any floating dtype. Whatever has
+  // a scale of exactly 1 is not touched. scale is read on its own device (a CUDA kernel reads it
+  // from device memory and returns early when it is 1): no host sync. Each gradient's version
+  // counter is bumped, as for any in-place op, so that autograd notices a saved gradient that was
+  // scaled since it was saved.
   m.def("scale_grads_(Tensor(a!)[] grads, Tensor scale) -> ()");
 
   // The feature-hint loss sum_k weights[k] * mean((student_features[k] - teacher_features[k])^2)
   // over K >= 1 pairs of any shapes (each pair one shape; all features one floating dtype and one
-  // device), all pairs in one kernel launch / one parallel region. Returns a 0-d tensor of the
-  // accumulation dtype (float32, or float64 for float64 features); an empty pair gives NaN (0 / 0),
-  // as F.mse_loss does. The reduction order is fixed by the shapes, so the result is deterministic.
+  // device), in one pass: all pairs in one kernel launch / one parallel region that reads each
+  // feature once and, when student_grad / teacher_grad is set, writes in the same pass
+  //   grad_student[k] = 2 weights[k] / numel_k * (student_features[k] - teacher_features[k])
+  //   grad_teacher[k] = -grad_student[k]
+  // the gradients for an upstream gradient of 1 (scale_grads_ applies the real one), in the
+  // features' dtype and the layout of empty_like of each feature; a list not asked for comes back
+  // empty. The loss is a 0-d tensor of the accumulation dtype (float32, or float64 for float64
+  // features); an empty pair gives NaN (0 / 0), as F.mse_loss does. The reduction order is fixed
+  // by the shapes, so the loss is deterministic. With neither gradient, a forward-only kernel.
   m.def(
-      "hint_loss_fwd(Tensor[] student_features, Tensor[] teacher_features, float[] weights) -> "
-      "Tensor");
-  // Gradients of grad_loss * loss: grad_student[k] = grad_loss * 2 weights[k] / numel_k *
-  // (student_features[k] - teacher_features[k]) and grad_teacher[k] = -grad_student[k], in the
-  // features' dtype and the layout of empty_like of each feature, written in one pass. A list that
-  // is not asked for comes back empty.
-  m.def(
-      "hint_loss_bwd(Tensor grad_loss, Tensor[] student_features, Tensor[] teacher_features, "
-      "float[] weights, bool student_grad, bool teacher_grad) -> "
-      "(Tensor[] grad_student, Tensor[] grad_teacher)");
+      "hint_loss(Tensor[] student_features, Tensor[] teacher_features, float[] weights, "
+      "bool student_grad, bool teacher_grad) -> "
+      "(Tensor loss, Tensor[] grad_student, Tensor[] grad_teacher)");
 }

@@ -47,7 +47,12 @@ def hint_loss(student_features, teacher_features, weights=None):
     Pair k must have one shape; pairs may differ from each other (4-D maps, 2-D vectors, single
     elements). All pairs go through one fused kernel (one launch on a GPU, one parallel region on
     the CPU) that accumulates in float32 (float64 for float64 features) and reduces in a fixed
-    order, so the result is deterministic. ``weights`` default to 1 per pair. Features of different
+    order, so the result is deterministic. ``weights`` default to 1 per pair. When features
+    require grad, the same kernel, in the same single read of every feature, also writes their
+    gradients ``2 w_k (s_k - t_k) / numel_k``; autograd keeps only those gradients until the
+    backward (never the features), which scales them in place by the upstream gradient (skipped
+    when it is exactly 1). So a second backward through the same graph raises, unless both run
+    inside ``pykd.ops.functional_backward()``. Without grad, a forward-only kernel. Features of different
     floating dtypes are promoted to a common dtype (a copy of the others); the result is a 0-d
     tensor of that dtype. Non-contiguous features are read through a dense copy; dense ones in any
     memory format (channels_last included) are read in place. Gradients flow to the student
@@ -69,7 +74,10 @@ def hint_loss(student_features, teacher_features, weights=None):
         dtype = functools.reduce(torch.promote_types, (f.dtype for f in features))
         features = [f.to(dtype) for f in features]
     pairs = len(student_features)
-    loss = ops.hint_loss_fwd(features[:pairs], features[pairs:], weights)
+    grad = torch.is_grad_enabled()
+    student_grad = grad and any(f.requires_grad for f in features[:pairs])
+    teacher_grad = grad and any(f.requires_grad for f in features[pairs:])
+    loss = ops.hint_loss(features[:pairs], features[pairs:], weights, student_grad, teacher_grad)[0]
     return loss.to(features[0].dtype)
 
 

@@ -3,16 +3,17 @@
 The ops themselves are declared in csrc/ops.cpp and implemented per backend in csrc/cpu and
 csrc/cuda; importing pykd._C registers them as torch.ops.pykd.*.
 """
+import contextlib
+
 import torch
 
 from . import _C  # noqa: F401
 
-__all__ = ["kd_loss", "scale_grads_", "hint_loss_fwd", "hint_loss_bwd"]
+__all__ = ["kd_loss", "scale_grads_", "hint_loss", "scale_saved_grads", "functional_backward"]
 
 kd_loss = torch.ops.pykd.kd_loss
 scale_grads_ = torch.ops.pykd.scale_grads_
-hint_loss_fwd = torch.ops.pykd.hint_loss_fwd
-hint_loss_bwd = torch.ops.pykd.hint_loss_bwd
+hint_loss = torch.ops.pykd.hint_loss
 
 
 def accumulation_dtype(dtype):
@@ -20,14 +21,72 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The backward of the fused losses. Their forward writes the gradients for an upstream gradient of
+# 1 and autograd saves only those; the backward scales them by the real upstream gradient.
+
+_functional_backward = 0  # how many functional_backward() blocks are open, in any thread
+
+
+@contextlib.contextmanager
+def functional_backward():
+    """Backward passes run inside this block scale a copy of the saved gradients, not the saved
+    gradients themselves: a graph can then be backpropagated through more than once
+    (``retain_graph=True``; ``torch.autograd.gradcheck`` does this), at the cost of one new
+    gradient per backward. Outside it, a second backward through a fused loss raises (see
+    :func:`scale_saved_grads`). It applies to backward passes in every thread while it is open.
+    """
+    global _functional_backward
+    _functional_backward += 1
+    try:
+        yield
+    finally:
+        _functional_backward -= 1
+
+
+def _traced(tensors):
+    """Whether the backward is being traced rather than run: under torch.compile (Dynamo and
+    AOTAutograd, whose tensors are FunctionalTensors over fake ones) or any tensor subclass."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+
+
 def scale_saved_grads(grads, grad_output):
     """The backward of a fused loss: its saved gradients times the upstream gradient.
 
-    grad_output is one value, or one per row of a single gradient ([..., C] rows).
+    ``grad_output`` is one value (a 0-d loss), or one per row of every gradient ([..., C] rows, a
+    per-row loss). When the backward runs eagerly, the saved gradients are scaled in place by
+    ``torch.ops.pykd.scale_grads_`` (nothing is done where ``grad_output`` is exactly 1; no host
+    sync on CUDA) and returned: they become the input gradients, without a copy. The in-place op
+    bumps their version counters, so a second backward through the same graph
+    (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of
+    using a gradient that was already scaled; inside :func:`functional_backward` it works instead.
+    While torch.compile traces the backward (and for tensor subclasses) it returns the functional
+    ``grad * grad_output`` in each gradient's dtype, which the compiler fuses.
     """
-    if grad_output.dim() > 0:
-        grad_output = grad_output.unsqueeze(-1)
-    return [g * grad_output.to(g.dtype) for g in grads]
+    grads = list(grads)
+    if _functional_backward or _traced([grad_output, *grads]):
+        scale = grad_output if grad_output.dim() == 0 else grad_output.unsqueeze(-1)
+        return [(g * scale).to(g.dtype) for g in grads]
+    scale_grads_(grads, grad_output)
+    return grads
+
+
+def saved_grads(ctx, loss_name):
+    """ctx.saved_tensors, with the reason when a second backward finds them scaled already."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{loss_name}: a second backward through the same graph is not supported, because "
+            "the first one scaled the saved gradients in place; run every backward pass inside "
+            "pykd.ops.functional_backward() to allow it. (" + str(error) + ")"
+        ) from error
+
+
+@torch.library.register_fake("pykd::scale_grads_")
+def _scale_grads_fake(grads, scale):
+    return None
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -99,56 +158,49 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.register_fake("pykd::hint_loss_fwd")
-def _hint_loss_fwd_fake(student_features, teacher_features, weights):
+@torch.library.register_fake("pykd::hint_loss")
+def _hint_loss_fake(student_features, teacher_features, weights, student_grad, teacher_grad):
     first = student_features[0]
-    return first.new_empty((), dtype=accumulation_dtype(first.dtype))
+    loss = first.new_empty((), dtype=accumulation_dtype(first.dtype))
 
-
-@torch.library.register_fake("pykd::hint_loss_bwd")
-def _hint_loss_bwd_fake(
-    grad_loss, student_features, teacher_features, weights, student_grad, teacher_grad
-):
     def gradients(features, wanted):
         return [torch.empty_like(f) for f in features] if wanted else []
 
-    return gradients(student_features, student_grad), gradients(teacher_features, teacher_grad)
+    return loss, gradients(student_features, student_grad), gradients(teacher_features, teacher_grad)
 
 
 def _hint_loss_setup_context(ctx, inputs, output):
-    student_features, teacher_features, weights = inputs
-    ctx.save_for_backward(*student_features, *teacher_features)
-    ctx.pairs = len(student_features)
-    ctx.weights = weights
+    _, grad_student, grad_teacher = output
+    ctx.student_grad, ctx.teacher_grad = inputs[-2:]
+    ctx.student_grads = len(grad_student)
+    # Only the gradients are kept between forward and backward, never the features.
+    ctx.save_for_backward(*grad_student, *grad_teacher)
+    ctx.mark_non_differentiable(*grad_student, *grad_teacher)
 
 
-def _hint_loss_backward(ctx, grad_loss):
+def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the saved gradients have no graph
+        raise RuntimeError("hint_loss: second derivatives are not implemented")
     # For list inputs needs_input_grad holds one bool per tensor.
     student_needs, teacher_needs = ctx.needs_input_grad[:2]
-    saved = ctx.saved_tensors
-    grad_student, grad_teacher = hint_loss_bwd(
-        grad_loss, saved[: ctx.pairs], saved[ctx.pairs :], ctx.weights,
-        any(student_needs), any(teacher_needs),
-    )
+    if (any(student_needs) and not ctx.student_grad) or (any(teacher_needs) and not ctx.teacher_grad):
+        raise RuntimeError(
+            "hint_loss: a gradient is needed that the forward did not compute; call "
+            "torch.ops.pykd.hint_loss with student_grad/teacher_grad set for the features that "
+            "require grad (pykd.hint_loss does this)"
+        )
+    grads = scale_saved_grads(saved_grads(ctx, "hint_loss"), grad_loss)
 
     def masked(grads, needs):  # a list not asked for came back empty
         return [g if need else None for g, need in zip(grads or [None] * len(needs), needs)]
 
-    return masked(grad_student, student_needs), masked(grad_teacher, teacher_needs), None
+    return (
+        masked(grads[: ctx.student_grads], student_needs),
+        masked(grads[ctx.student_grads :], teacher_needs),
+        None, None, None,
+    )
 
 
 torch.library.register_autograd(
-    "pykd::hint_loss_fwd", _hint_loss_backward, setup_context=_hint_loss_setup_context
+    "pykd::hint_loss", _hint_loss_backward, setup_context=_hint_loss_setup_context
 )
-
-
-def _no_second_derivatives(loss_name):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{loss_name}: second derivatives are not implemented")
-
-    return backward
-
-
-# Differentiating through a backward op (create_graph=True, then backward again) is an error,
-# never a silent zero.
-torch.library.register_autograd("pykd::hint_loss_bwd", _no_second_derivatives("hint_loss"))

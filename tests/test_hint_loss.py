@@ -1,5 +1,7 @@
 """The batched feature-hint loss (SPEC section 2), HintRegressor and FeatureCapture."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,13 +114,31 @@ def test_portable_kernels_match():
 
 
 def test_gradcheck():
+    """gradcheck backpropagates through one graph twice (its reentrancy check), which the in-place
+    backward refuses: functional_backward() lets it. The in-place backward is the same math
+    (test_in_place_backward_matches_functional)."""
     student, teacher = make_features([(2, 3, 4, 3), (5, 2), (1,)], torch.float64, "cpu")
     pairs = len(student)
 
     def fn(*features):
         return pykd.hint_loss(features[:pairs], features[pairs:], [0.7, 1.3, 2.0])
 
-    assert torch.autograd.gradcheck(fn, (*student, *teacher))
+    with ops.functional_backward():
+        assert torch.autograd.gradcheck(fn, (*student, *teacher))
+        assert torch.autograd.gradcheck(fn, (*student, *teacher), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_in_place_backward_matches_functional(device, dtype):
+    student, teacher = make_features(SHAPES, dtype, device)
+    results = []
+    for functional in (False, True):
+        with ops.functional_backward() if functional else contextlib.nullcontext():
+            loss = pykd.hint_loss(student, teacher, WEIGHTS)
+            results.append(torch.autograd.grad(-0.37 * loss, student + teacher))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,29 +147,115 @@ def test_opcheck(device, teacher_grad):
     student, teacher = make_features([(2, 3, 4, 5), (3, 7), (1,)], torch.float32, device)
     teacher = [t.detach().requires_grad_(teacher_grad) for t in teacher]
     weights = [1.0, 0.5, 2.0]
-    torch.library.opcheck(ops.hint_loss_fwd, (student, teacher, weights))
-    grad = torch.tensor(1.5, device=device)
+    torch.library.opcheck(ops.hint_loss, (student, teacher, weights, True, teacher_grad))
     for wanted in [(True, False), (False, True), (True, True), (False, False)]:
-        torch.library.opcheck(
-            ops.hint_loss_bwd,
-            (grad, [s.detach() for s in student], [t.detach() for t in teacher], weights, *wanted),
-        )
+        detached = [s.detach() for s in student], [t.detach() for t in teacher]
+        torch.library.opcheck(ops.hint_loss, (*detached, weights, *wanted))
+
+
+def test_one_pass_outputs():
+    """The op's gradients for an upstream gradient of 1, the teacher's the exact negative of the
+    student's, and the same loss (bit for bit) whichever gradients are written."""
+    student, teacher = make_features(SHAPES, torch.float32, "cpu", requires_grad=False)
+    losses = {}
+    for wanted in [(False, False), (True, False), (False, True), (True, True)]:
+        loss, grad_s, grad_t = ops.hint_loss(student, teacher, WEIGHTS, *wanted)
+        losses[wanted] = loss
+        assert len(grad_s) == (len(SHAPES) if wanted[0] else 0)
+        assert len(grad_t) == (len(SHAPES) if wanted[1] else 0)
+        if all(wanted):
+            for gs, gt in zip(grad_s, grad_t):
+                assert torch.equal(gt, -gs)
+    _, ref_student, _ = reference_loss_and_grads(student, teacher, WEIGHTS)
+    for g, ref in zip(ops.hint_loss(student, teacher, WEIGHTS, True, False)[1], ref_student):
+        assert_close(g, ref, torch.float32)
+    for loss in losses.values():
+        assert torch.equal(loss, losses[False, False])
+
+
+def test_forward_only_without_grad():
+    student, teacher = make_features(SHAPES[:3], torch.float32, "cpu")
+    with torch.no_grad():
+        loss = pykd.hint_loss(student, teacher)
+    assert not loss.requires_grad
+    frozen = [s.detach() for s in student]
+    assert not pykd.hint_loss(frozen, [t.detach() for t in teacher]).requires_grad
+    with torch.inference_mode():
+        assert torch.equal(pykd.hint_loss(student, teacher), loss)
+
+
+def test_saves_only_the_gradients():
+    """Between forward and backward autograd holds the gradients the forward wrote (only those
+    asked for), never the features, and the backward returns those very tensors, scaled."""
+    student, teacher = make_features([(8, 16, 9, 7), (33, 65), (1,)], torch.float32, "cpu")
+    teacher = [teacher[0], teacher[1].detach(), teacher[2].detach()]  # one teacher needs grad
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = pykd.hint_loss(student, teacher, [1.0, 2.0, 3.0])
+    features = {f.data_ptr() for f in student + teacher}
+    assert not any(t.data_ptr() in features for t in saved)
+    assert [t.shape for t in saved] == [f.shape for f in student] + [f.shape for f in teacher]
+    feature_bytes = sum(f.nbytes for f in student)
+    assert sum(t.nbytes for t in saved) == feature_bytes + sum(f.nbytes for f in teacher)
+    grads = torch.autograd.grad(2.5 * loss, student + teacher[:1])
+    assert [g.data_ptr() for g in grads] == [t.data_ptr() for t in saved[:4]]  # no copy
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph(device):
+def test_second_backward_raises(device):
+    """The backward scales the saved gradients in place, so backpropagating through the same graph
+    again must fail loudly (autograd's version counter) instead of using rescaled gradients."""
+    student, teacher = make_features([(3, 4), (5,)], torch.float32, device)
+    loss = pykd.hint_loss(student, teacher)
+    first = torch.autograd.grad(3.0 * loss, student, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph is not "
+                                           "supported.*modified by an inplace operation"):
+        torch.autograd.grad(loss, student)
+    # Even with an upstream gradient of exactly 1 (nothing rescaled, the version still bumped).
+    loss = pykd.hint_loss(student, teacher)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # functional_backward() allows it.
+    with ops.functional_backward():
+        loss = pykd.hint_loss(student, teacher)
+        again = [torch.autograd.grad(3.0 * loss, student, retain_graph=True) for _ in range(2)]
+    for a, b, c in zip(first, *again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_backward_needs_the_forward_gradients():
+    student, teacher = make_features([(3, 4)], torch.float32, "cpu")
+    loss = ops.hint_loss(student, [t.detach() for t in teacher], [1.0], False, False)[0]
+    with pytest.raises(RuntimeError, match="a gradient is needed that the forward did not compute"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_compile_fullgraph(device, teacher_grad):
     student, teacher = make_features([(2, 3, 4, 5), (3, 7), (1,)], torch.float32, device)
-    teacher = [t.detach() for t in teacher]
+    teacher = [t.detach().requires_grad_(teacher_grad) for t in teacher]
+    inputs = student + teacher if teacher_grad else student
     weights = [1.0, 0.5, 2.0]
 
-    compiled = torch.compile(lambda s, t: pykd.hint_loss(s, t, weights), fullgraph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: 0.5 * pykd.hint_loss(s, t, weights), fullgraph=True)
     loss = compiled(student, teacher)
-    grads = torch.autograd.grad(loss, student)
-    expected_loss = pykd.hint_loss(student, teacher, weights)
-    expected_grads = torch.autograd.grad(expected_loss, student)
+    grads = torch.autograd.grad(loss, inputs)
+    expected_loss = 0.5 * pykd.hint_loss(student, teacher, weights)
+    expected_grads = torch.autograd.grad(expected_loss, inputs)
     torch.testing.assert_close(loss, expected_loss)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(student, teacher), expected_loss)
 
 
 def layouts(device):
@@ -227,19 +333,20 @@ def test_errors():
     with pytest.raises(TypeError, match="floating-point"):
         pykd.hint_loss([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)])
     # The op itself does not promote dtypes.
-    with pytest.raises(TypeError, match=r"dtype of student_features\[0\].*in pair 1"):
-        ops.hint_loss_fwd(s, [t[0], t[1].double()], [1.0, 1.0])
-    with pytest.raises(ValueError, match=r"weights\[1\] must be finite"):
-        ops.hint_loss_fwd(s, t, [1.0, float("inf")])
-    with pytest.raises(ValueError, match="grad_loss must be a single Float on cpu, got shape \\[2\\]"):
-        ops.hint_loss_bwd(torch.ones(2), s, t, [1.0, 1.0], True, False)
+    with pytest.raises(TypeError, match=r"hint_loss: all features must have the dtype of "
+                                        r"student_features\[0\].*in pair 1"):
+        ops.hint_loss(s, [t[0], t[1].double()], [1.0, 1.0], True, False)
+    with pytest.raises(ValueError, match=r"hint_loss: weights\[1\] must be finite"):
+        ops.hint_loss(s, t, [1.0, float("inf")], False, False)
+    with pytest.raises(ValueError, match=r"hint_loss: weights must hold one number per pair"):
+        ops.hint_loss(s, t, [1.0], False, True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_mismatch_names_the_pair():
     s, t = make_features([(2, 3), (4,)], torch.float32, "cuda", requires_grad=False)
     with pytest.raises(ValueError, match=r"device of student_features\[0\].*in pair 1"):
-        ops.hint_loss_fwd(s, [t[0], t[1].cpu()], [1.0, 1.0])
+        ops.hint_loss(s, [t[0], t[1].cpu()], [1.0, 1.0], True, False)
 
 
 # HintRegressor
@@ -403,10 +510,8 @@ def test_capture_distillation_step():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-
 def test_second_derivatives_raise():
     student = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True)]
     teacher = [torch.randn(3, 4, dtype=torch.float64)]
-    (grad,) = torch.autograd.grad(pykd.hint_loss(student, teacher), student, create_graph=True)
-    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="hint_loss: second derivatives are not implemented"):
+        torch.autograd.grad(pykd.hint_loss(student, teacher), student, create_graph=True)

@@ -1,8 +1,9 @@
-// CPU implementations of pykd::hint_loss_fwd / hint_loss_bwd: checks, allocation, and one
-// at::parallel_for region over all pairs. The pairs are cut into chunks of at most kChunk elements
-// (so a single large pair is shared by every thread) and the kernel for this CPU
-// (cpu/cpu_capability.h) runs on each chunk. The loss is summed per chunk and the chunk sums are
-// added in a fixed order, so it does not depend on the number of threads.
+// CPU implementation of pykd::hint_loss: checks, allocation, and one at::parallel_for region over
+// all pairs. The pairs are cut into chunks of at most kChunk elements (so a single large pair is
+// shared by every thread) and the kernel for this CPU (cpu/cpu_capability.h) runs on each chunk:
+// it reads the chunk of s and t once, sums the squared differences and writes the gradients asked
+// for in the same pass. The loss is summed per chunk and the chunk sums are added in a fixed
+// order, so it does not depend on the number of threads.
 #include "hint_loss.h"
 #include "cpu/cpu_capability.h"
 #include "cpu/hint_loss_cpu.h"
@@ -63,22 +64,27 @@ void* mutable_data(const at::Tensor& tensor, int64_t offset) {
       : nullptr;
 }
 
-at::Tensor hint_loss_fwd_cpu(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hint_loss_cpu(
     at::TensorList student_features,
     at::TensorList teacher_features,
-    at::ArrayRef<double> weights) {
-  check_hint_features("hint_loss_fwd", student_features, teacher_features, weights);
+    at::ArrayRef<double> weights,
+    bool student_grad,
+    bool teacher_grad) {
+  check_hint_features("hint_loss", student_features, teacher_features, weights);
   const at::Tensor& first = student_features[0];
   at::Tensor loss = at::empty({}, first.options().dtype(at::toOpMathType(first.scalar_type())));
-  const std::vector<HintPair> pairs = hint_pairs(student_features, teacher_features, false, false);
+  std::vector<HintPair> pairs =
+      hint_pairs(student_features, teacher_features, student_grad, teacher_grad);
   const std::vector<Chunk> chunks = make_chunks(pairs);
-  const auto kernel = use_avx2() ? AVX2::hint_sum_squares : DEFAULT::hint_sum_squares;
+  const auto kernel = use_avx2() ? AVX2::hint_chunk : DEFAULT::hint_chunk;
   std::vector<double> chunk_sums(chunks.size());
   for_each_chunk(chunks, [&](int64_t c, const Chunk& chunk) {
     const HintPair& pair = pairs[chunk.pair];
     chunk_sums[c] = kernel(
         first.scalar_type(), data(pair.student, chunk.begin), data(pair.teacher, chunk.begin),
-        chunk.end - chunk.begin);
+        chunk.end - chunk.begin, hint_grad_scale(weights[chunk.pair], pair.numel()),
+        mutable_data(pair.grad_student, chunk.begin),
+        mutable_data(pair.grad_teacher_out, chunk.begin));
   });
   double total = 0;
   size_t c = 0;
@@ -90,42 +96,13 @@ at::Tensor hint_loss_fwd_cpu(
     total += weights[k] * (pair_sum / static_cast<double>(pairs[k].numel()));  // 0 / 0 = NaN
   }
   loss.fill_(total);
-  return loss;
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hint_loss_bwd_cpu(
-    const at::Tensor& grad_loss,
-    at::TensorList student_features,
-    at::TensorList teacher_features,
-    at::ArrayRef<double> weights,
-    bool student_grad,
-    bool teacher_grad) {
-  check_hint_features("hint_loss_bwd", student_features, teacher_features, weights);
-  const at::Tensor& first = student_features[0];
-  check_hint_grad(grad_loss, first);
-  std::vector<HintPair> pairs =
-      hint_pairs(student_features, teacher_features, student_grad, teacher_grad);
-  if (!(student_grad || teacher_grad)) {
-    return hint_gradients(pairs);
-  }
-  const std::vector<Chunk> chunks = make_chunks(pairs);
-  const auto kernel = use_avx2() ? AVX2::hint_scaled_difference : DEFAULT::hint_scaled_difference;
-  const double grad = grad_loss.item<double>();  // a CPU tensor: no synchronisation
-  for_each_chunk(chunks, [&](int64_t, const Chunk& chunk) {
-    const HintPair& pair = pairs[chunk.pair];
-    kernel(
-        first.scalar_type(), data(pair.student, chunk.begin), data(pair.teacher, chunk.begin),
-        chunk.end - chunk.begin, hint_grad_scale(grad, weights[chunk.pair], pair.numel()),
-        mutable_data(pair.grad_student, chunk.begin),
-        mutable_data(pair.grad_teacher_out, chunk.begin));
-  });
-  return hint_gradients(pairs);
+  auto [grad_student, grad_teacher] = hint_gradients(pairs);
+  return {loss, std::move(grad_student), std::move(grad_teacher)};
 }
 
 }  // namespace
 }  // namespace pykd::cpu
 
 TORCH_LIBRARY_IMPL(pykd, CPU, m) {
-  m.impl("hint_loss_fwd", &pykd::cpu::hint_loss_fwd_cpu);
-  m.impl("hint_loss_bwd", &pykd::cpu::hint_loss_bwd_cpu);
+  m.impl("hint_loss", &pykd::cpu::hint_loss_cpu);
 }

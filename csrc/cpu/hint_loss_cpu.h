@@ -1,4 +1,4 @@
-// The CPU hint-loss kernels on one chunk of one pair, compiled once per CPU capability
+// The CPU hint-loss kernel on one chunk of one pair, compiled once per CPU capability
 // (hint_loss_default.cpp and hint_loss_avx2.cpp include hint_loss_kernel.h) and chosen at run time
 // in hint_loss_cpu.cpp, which also splits the pairs into chunks and runs them in parallel.
 #pragma once
@@ -9,14 +9,14 @@
 
 namespace pykd::cpu {
 
-#define PYKD_DECLARE_HINT_KERNELS(capability)                                              \
-  namespace capability {                                                                   \
-  /* sum((s - t)^2) over n elements, accumulated in float (double for double features) */  \
-  double hint_sum_squares(c10::ScalarType dtype, const void* s, const void* t, int64_t n); \
-  /* grad_s = scale * (s - t), grad_t = -grad_s; a null output is not written */           \
-  void hint_scaled_difference(                                                             \
-      c10::ScalarType dtype, const void* s, const void* t, int64_t n, double scale,        \
-      void* grad_s, void* grad_t);                                                         \
+#define PYKD_DECLARE_HINT_KERNELS(capability)                                             \
+  namespace capability {                                                                  \
+  /* Returns sum((s - t)^2) over n elements, accumulated in float (double for double      \
+     features), and writes grad_s = scale * (s - t), grad_t = -grad_s in the same pass; a  \
+     null output is not written (both null: the forward-only kernel). */                  \
+  double hint_chunk(                                                                      \
+      c10::ScalarType dtype, const void* s, const void* t, int64_t n, double scale,       \
+      void* grad_s, void* grad_t);                                                        \
   }
 
 PYKD_DECLARE_HINT_KERNELS(DEFAULT)
