@@ -128,6 +128,8 @@ class Runner:
         entry = {"name": name, "status": status, "seconds": round(time.monotonic() - started, 1),
                  "detail": detail, "log": os.path.relpath(log, self.logs) if log else None,
                  **more}
+        if status in ("failed", "timeout") and log and name != "tests":
+            entry["log_tail"] = log_tail(log)
         self.steps.append(entry)
         print(f"[{self.elapsed():6.1f} s] {name}: {status}" + (f" ({detail})" if detail else ""),
               flush=True)
@@ -308,30 +310,43 @@ missing = [op for op in ops if has(op, "CPU") and not has(op, "CUDA")]
 sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
 """
         rc = self.run([self.python, "-c", check], log, timeout=120, cwd=self.work)
-        spills = self.ptxas_spills(log)
+        spills, kernels = self.ptxas_report(log)
         if rc != 0:
             return self.step("build", "failed", t0, f"built, but the CUDA kernels are not all "
                              f"registered (see build.log); {detail}", log)
         return self.step("build", "passed", t0, detail + (f"; ptxas reports spills in "
-                         f"{len(spills)} kernels" if spills else "; no spills"), log,
-                         spills=spills)
+                         f"{len(spills)} kernels" if spills else f"; {len(kernels)} kernels, "
+                         "no spills (ptxas -v)" if kernels else ""), log, spills=spills,
+                         ptxas=kernels)
 
     @staticmethod
-    def ptxas_spills(log):
-        """Kernels for which ptxas -v reports spill stores or loads (names shortened)."""
-        spills, current = [], None
+    def ptxas_report(log):
+        """From ptxas -v in the build log: kernels with spills, and every kernel's registers,
+        stack frame and spill bytes (mangled names)."""
+        spills, kernels, current = [], {}, None
         try:
             text = open(log, errors="replace").read()
         except OSError:
-            return spills
+            return spills, kernels
         for line in text.splitlines():
-            m = re.search(r"Compiling entry function '([^']+)'", line)
+            m = re.search(r"Compiling entry function '([^']+)' for '(\w+)'", line)
             if m:
-                current = m.group(1)
-            m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if m and (int(m.group(1)) or int(m.group(2))) and current:
-                spills.append(f"{current[:90]}: {m.group(1)} B stores, {m.group(2)} B loads")
-        return sorted(set(spills))
+                current = f"{m.group(1)} [{m.group(2)}]"
+                kernels.setdefault(current, {})
+                continue
+            if current is None:
+                continue
+            m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill "
+                          r"loads", line)
+            if m:
+                kernels[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                        spill_loads=int(m.group(3)))
+                if int(m.group(2)) or int(m.group(3)):
+                    spills.append(f"{current[:100]}: {m.group(2)} B stores, {m.group(3)} B loads")
+            m = re.search(r"Used (\d+) registers", line)
+            if m:
+                kernels[current]["registers"] = int(m.group(1))
+        return sorted(set(spills)), kernels
 
     # -- 4. tests and 5. sanitizers, in parallel ------------------------------------------
 
@@ -403,10 +418,15 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
         name = tool or "exercise"
         log = self.log(f"sanitizer-{tool}.log" if tool else "exercise.log")
         out_json = self.log(f"exercise-{name}.json")
-        exercise = [self.python, os.path.join(HERE, "gpu_exercise.py"), "--device", "cuda",
-                    "--json", out_json, "--label", name]
+        # The plain run checks every result in float64; under a sanitizer the same cases (each
+        # seeded by its name) only run, which is what the tools need and much faster.
+        exercise = [self.python, os.path.join(HERE, "gpu_exercise.py"), "--device",
+                    self.args.exercise_device, "--json", out_json, "--label", name,
+                    "--checks", "light" if tool else "full"]
+        threads = str(max(2, (os.cpu_count() or 8) // 8))
         if not tool:
-            return self.spawn(exercise, log), log, {"json": out_json}
+            return self.spawn(exercise, log, env=self.env(OMP_NUM_THREADS=threads)), log, {
+                "json": out_json}
         sanitizer_log = self.log(f"sanitizer-{tool}.sanitizer.log")
         cmd = [self.facts["sanitizer"], "--tool", tool, "--error-exitcode",
                str(SANITIZER_ERROR_EXIT), "--print-limit", "100", "--log-file", sanitizer_log]
@@ -416,7 +436,9 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
             cmd += self.kernel_filter()
         if tool == "memcheck":
             cmd += ["--leak-check", "no"]
-        env = self.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one allocation per tensor
+        # One cudaMalloc per tensor, so that memcheck sees each tensor's bounds and initcheck each
+        # fresh buffer (the caching allocator hands out pieces of larger, reused blocks).
+        env = self.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1", OMP_NUM_THREADS=threads)
         return self.spawn(cmd + exercise, log, env=env), log, {
             "json": out_json, "sanitizer_log": sanitizer_log, "filtered": tool != "initcheck"
             and bool(self.kernel_filter())}
@@ -567,6 +589,8 @@ def parse_junit(path, device_count, allow):
         out["tests"] += 1
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
         is_cuda = re.search(r"cuda|gpu", test_id, re.I)
+        # A test that ran on the GPU: test_cuda.py's, or one parametrized with the device "cuda".
+        ran_on_gpu = re.search(r"(^|\.)test_cuda::|[\[\-]cuda[\]\-]", test_id)
         failure = case.find("failure")
         error = case.find("error")
         skipped = case.find("skipped")
@@ -590,7 +614,7 @@ def parse_junit(path, device_count, allow):
             out[bucket].append(entry)
         else:
             out["passed"] += 1
-            if is_cuda:
+            if ran_on_gpu:
                 out["cuda_passed"] += 1
     for key in ("failures", "cuda_skipped", "allowed_skipped", "other_skipped"):
         out[key] = out[key][:200]
@@ -639,7 +663,10 @@ def parse_sanitizer_log(path):
             current.append(body.strip())
     for block in blocks:
         joined = "\n".join(block)
-        if re.search(r"pykd", joined):
+        # A device error names its kernel in its first "at ..." line; an API error has only the
+        # host backtrace, whose frames name pykd's library or functions when pykd made the call.
+        device_at = next((line for line in block[1:] if line.startswith("at ")), None)
+        if re.search(r"pykd", device_at if device_at is not None else joined):
             result["pykd"] += 1
             if len(result["examples"]) < 8:
                 result["examples"].append(joined[:600])
@@ -653,6 +680,21 @@ def parse_sanitizer_log(path):
     if result["total"] > counted and not blocks:
         result["unattributed"] = result["total"] - counted
     return result
+
+
+def listed(items, limit=15):
+    items = list(items)
+    more = [f"... and {len(items) - limit} more (summary.json lists up to 200)"] if len(
+        items) > limit else []
+    return [f"- {x}" for x in items[:limit]] + ([f"- {more[0]}"] if more else [])
+
+
+def log_tail(path, lines=25):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read().splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def render_summary(result):
@@ -680,10 +722,10 @@ def render_summary(result):
         if s["name"] == "tests" and s.get("summary"):
             t = s["summary"]
             if t.get("failures"):
-                lines += ["", "## Test failures", ""] + [f"- {f}" for f in t["failures"][:40]]
+                lines += ["", "## Test failures", ""] + listed(t["failures"], 40)
             if t.get("cuda_skipped"):
-                lines += ["", "## CUDA tests skipped (a failure here)", ""] + [
-                    f"- {f}" for f in t["cuda_skipped"][:40]]
+                lines += ["", "## CUDA tests skipped (a failure here)", ""] + listed(
+                    t["cuda_skipped"])
         if s.get("sanitizer"):
             z = s["sanitizer"]
             if z["examples"] or z["tool_messages"]:
@@ -695,6 +737,9 @@ def render_summary(result):
                 f"- {x['case']}: {x['error']}" for x in f["failures"]]
         if s.get("spills"):
             lines += ["", "## ptxas spills", ""] + [f"- {x}" for x in s["spills"]]
+        if s["status"] in ("failed", "timeout") and s.get("log_tail"):
+            lines += ["", f"## {s['name']}: the end of {s['log']}", "", "```"] + [
+                x[:300] for x in s["log_tail"]] + ["```"]
     lines += ["", "## Skipped or not run", ""]
     lines += [f"- {x}" for x in result["skipped"]] or ["- nothing"]
     lines += ["", "Logs: logs.tar.gz (build.log, test.log, junit.xml, sanitizer-TOOL.log with "
@@ -744,6 +789,8 @@ def main(argv=None):
     parser.add_argument("--pytest-args", type=shlex.split, default=[])
     parser.add_argument("--bench-args", type=shlex.split, default=[])
     parser.add_argument("--invoked-by", default=None)
+    parser.add_argument("--exercise-device", default="cuda",
+                        help="the exercise's --device (cpu only to test this driver without a GPU)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     args.invoked_by = args.invoked_by or shlex.join(["python3", "bench/gpu_check.py",
@@ -752,7 +799,7 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(args)
     if args.work is None:
-        args.work = subprocess.check_output(["mktemp", "-d", "/tmp/pykd-gpu-check.XXXXXX"],
+        args.work = subprocess.check_output(["mktemp", "-d", "/tmp/gpucheck.XXXXXX"],
                                             text=True).strip()
     runner = Runner(args)
     os.makedirs(runner.logs, exist_ok=True)

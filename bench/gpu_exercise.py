@@ -24,7 +24,6 @@ import argparse
 import collections
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -898,7 +897,7 @@ def main(argv=None):
     ctx = Ctx(args.device, features, args.checks)
 
     if args.dry_run:
-        print(f"pykd features: " + ", ".join(f"{n}={'yes' if ok else 'no'}"
+        print("pykd features: " + ", ".join(f"{n}={'yes' if ok else 'no'}"
                                               for n, (ok, _) in features.items()))
         total = 0
         for name, needs, builder, missing in selected:
