@@ -6,7 +6,7 @@ to see the traceback instead). Nothing is overwritten unless --overwrite (or --r
 run it continues) says so; an option the command would not use is an error, not ignored.
 """
 import argparse
-import importlib
+import importlib.util
 import math
 import os
 import re
@@ -406,14 +406,16 @@ def cmd_eval(args):
     data = state["data"]
     spec = args.dataset or data["spec"]
     data_seed = data["data_seed"] if args.data_seed is None else args.data_seed
-    train_fraction = data["train_fraction"] if args.train_fraction is None \
-        else args.train_fraction
+    # The training fraction selects training images only: it matters for --split train alone.
+    train_fraction = 1.0 if args.split != "train" else data["train_fraction"] \
+        if args.train_fraction is None else args.train_fraction
     if spec is None or data_seed is None or train_fraction is None:
         raise UsageError(f"--checkpoint {args.checkpoint} does not record its data set: pass "
                          "--dataset, --data-seed and --train-fraction")
     evaluated = {"checkpoint": os.path.abspath(args.checkpoint), "run_id": state["run_id"],
                  "epoch": state["epoch"], "dataset": spec, "data_seed": data_seed,
-                 "train_fraction": train_fraction, "split": args.split, "bf16": args.bf16}
+                 "train_fraction": train_fraction if args.split == "train" else None,
+                 "split": args.split, "bf16": args.bf16}
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     path = os.path.join(args.out or os.path.dirname(os.path.abspath(args.checkpoint)),
                         f"{stem}.eval-{args.split}.json")
@@ -699,8 +701,10 @@ def _require_extras(command):
     missing = []
     for module in NEEDS.get(command, ()):
         try:
-            importlib.import_module(module)
+            found = importlib.util.find_spec(module) is not None  # finds without importing
         except ImportError:
+            found = False
+        if not found:
             missing.append(EXTRAS[module])
     if missing:
         raise UsageError(f"needs {' and '.join(missing)}, not installed here: "

@@ -135,6 +135,9 @@ def write_files(files):
     their paths, in order, and the directories fsynced. An error (or Ctrl-C) before the renames
     leaves every old file as it was and no temporary file behind.
     """
+    for path, _, _ in files:  # the renames must not fail half-way for this reason
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"cannot write {path}: it is a directory")
     staged = []
     try:
         for path, write, binary in files:
@@ -243,7 +246,7 @@ def curves_figure(runs):
     curves = [c for c in CURVES if any(c[0] in h[0] for hs in runs.values() for h in hs if h)]
     figure, axes = _figure(len(curves), 5)
     for ax, (key, ylabel, title) in zip(axes, curves):
-        for label, histories in runs.items():
+        for k, (label, histories) in enumerate(runs.items()):
             by_epoch = {}
             for history in histories:
                 for record in history:
@@ -254,8 +257,8 @@ def curves_figure(runs):
             epochs = sorted(by_epoch)
             mean = [statistics.mean(by_epoch[e]) for e in epochs]
             n = len(histories)
-            line, = ax.plot(epochs, mean, marker="o",
-                            label=label if n == 1 else f"{label} (mean of {n} seeds)")
+            line, = ax.plot(epochs, mean, marker="o", color=f"C{k}",  # one colour per group
+                            label=label if n == 1 else f"{label} (mean ± std of {n} seeds)")
             if n > 1:
                 std = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0
                        for e in epochs]

@@ -219,17 +219,17 @@ CHECKPOINT_FIELDS = {
 
 def _check_fields(path, state, fields, prefix=""):
     for name, kind in fields.items():
+        where = repr(prefix + name)
         if name not in state:
-            raise CheckpointError(f"{path} is not a complete pykd checkpoint: it has no "
-                                  f"{prefix}{name!r}")
+            raise CheckpointError(f"{path} is not a complete pykd checkpoint: it has no {where}")
         value = state[name]
         if isinstance(kind, dict):
             if not isinstance(value, dict):
-                raise CheckpointError(f"{path}: {prefix}{name!r} is not a dict")
+                raise CheckpointError(f"{path}: {where} is a {type(value).__name__}, not a dict")
             _check_fields(path, value, kind, f"{prefix}{name}.")
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointError(f"{path}: {prefix}{name!r} is a {type(value).__name__}, "
-                                  "not what a pykd checkpoint holds there")
+            raise CheckpointError(f"{path}: {where} is a {type(value).__name__}, not what a "
+                                  "pykd checkpoint holds there")
 
 
 def save_checkpoint(path, state):
@@ -325,12 +325,12 @@ def _settings(meta, config):
     teacher = meta.get("teacher")
     return {
         "model": meta.get("model"),
-        "model arguments": meta.get("model_args"),
         "--dataset": data.get("spec"),
         "--data-seed": data.get("data_seed"),
         "--train-fraction": data.get("train_fraction"),
         "class names": data.get("classes"),
         "data set contents (its normalisation statistics)": [data.get("mean"), data.get("std")],
+        "model arguments": meta.get("model_args"),
         "--teacher": teacher and f"{teacher['path']} (run {teacher['run_id']}, "
                                  f"{teacher['epoch']} epochs)",
         **{option(k): v for k, v in config.items() if k != "epochs"},
