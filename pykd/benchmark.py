@@ -107,19 +107,30 @@ def parse_shapes(text):
     return shapes
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def add_arguments(parser):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--shapes", type=parse_shapes, help="NxC,... (default: SPEC's shapes)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--only", help="implementations to time beside pykd (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per median")
+    parser.add_argument("--repeats", type=_positive_int, default=5,
+                        help="timed runs per median (default: %(default)s)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
 def run(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA GPU is available")
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     dtypes = [getattr(torch, name, None) for name in args.dtypes.split(",")]
     if not all(isinstance(dtype, torch.dtype) and dtype.is_floating_point for dtype in dtypes):

@@ -1,10 +1,16 @@
 """The `pykd` command line (also `python -m pykd`); run `pykd COMMAND --help` for each command.
 
 A command is a function `cmd_NAME(args)` plus `NAME_arguments(parser)`, listed in COMMANDS.
-Errors in arguments or data end with one line on stderr and exit status 2.
+Errors in arguments or data end with one line on stderr and exit status 2 (set PYKD_TRACEBACK=1
+to see the traceback instead). Nothing is overwritten unless --overwrite (or --resume, for the
+run it continues) says so; an option the command would not use is an error, not ignored.
 """
 import argparse
+import importlib.util
+import math
 import os
+import re
+import shlex
 import statistics
 import sys
 import time
@@ -16,9 +22,36 @@ class UsageError(ValueError):
     """A problem with the command's arguments, reported as one line."""
 
 
+class _Given:
+    """Mixin for argparse actions: notes in `namespace._given` each option the user gave."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        namespace.__dict__.setdefault("_given", set()).add(self.dest)
+
+
 class Parser(argparse.ArgumentParser):
+    """Errors in one line; no abbreviated options (``--seed`` never means ``--seeds``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        for name, action in ((None, argparse._StoreAction), ("store", argparse._StoreAction),
+                             ("store_true", argparse._StoreTrueAction),
+                             ("append", argparse._AppendAction)):
+            self.register("action", name, type(action.__name__, (_Given, action), {}))
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _given(args, *names):
+    """The options among `names` (destinations) that the command line gave."""
+    return [n for n in names if n in getattr(args, "_given", ())]
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,16 +59,24 @@ class Parser(argparse.ArgumentParser):
 
 
 def _number(kind, low=None, low_open=False, high=None):
+    """A parser of finite numbers (int or float) in [low, high] (low excluded if low_open)."""
+    if low is not None and high is not None:
+        relation = f"in {'(' if low_open else '['}{low}, {high}]"
+    elif low is not None:
+        relation = f"{'>' if low_open else '>='} {low}"
+    else:
+        relation = ""
+    what = "an integer" if kind is int else "a finite number"
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if low is not None and (value < low or (low_open and value == low)):
-            relation = ">" if low_open else ">="
-            raise argparse.ArgumentTypeError(f"must be {relation} {low}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or (
+                low is not None and (value < low or (low_open and value == low))) or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what} {relation}, got {text}".rstrip())
         return value
 
     parse.__name__ = kind.__name__
@@ -43,28 +84,36 @@ def _number(kind, low=None, low_open=False, high=None):
 
 
 positive_int = _number(int, 1)
+seed_type = _number(int, 0, high=2 ** 32 - 1)
 positive_float = _number(float, 0, low_open=True)
 weight = _number(float, 0)
+unit_weight = _number(float, 0, high=1)
 fraction = _number(float, 0, low_open=True, high=1)
 
 
-def float_list(text):
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+def _list(parse_one, what):
+    """A parser of comma-separated values, each parsed by `parse_one`, none repeated."""
+
+    def parse(text):
+        items = [t.strip() for t in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        values = []
+        for item in items:
+            try:
+                values.append(parse_one(item))
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{item}: {e}") from None
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
+        return values
+
+    return parse
 
 
-def int_list(text):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()] or [0]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
+seed_list = _list(seed_type, "seeds")
+temperature_list = _list(positive_float, "temperatures")
+weight_list = _list(unit_weight, "weights")
 
 
 def layer_pair(text):
@@ -74,115 +123,191 @@ def layer_pair(text):
     return student, teacher
 
 
-def data_arguments(p, default="digits"):
+def data_arguments(p, inherit=None):
+    """--dataset, --data-seed, --train-fraction; `inherit` names whose values they default to
+    ("the teacher's"), or None for digits and seed 0."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=default, metavar="SPEC",
-                   help="digits (scikit-learn's, the default), cifar10:PATH (python batches) or "
-                   "folder:PATH (a subfolder of images per class)"
-                   + ("" if default else "; default: the teacher's or checkpoint's data set"))
-    g.add_argument("--data-seed", type=int, default=0,
-                   help="seed of the train/val/test split (default 0)")
+    g.add_argument("--dataset", default=None if inherit else "digits", metavar="SPEC",
+                   help="digits (scikit-learn's), cifar10:PATH (python batches) or folder:PATH "
+                   "(a subfolder of images per class) (default: "
+                   + (f"{inherit})" if inherit else "%(default)s)"))
+    g.add_argument("--data-seed", type=seed_type, default=None if inherit else 0, metavar="S",
+                   help="seed of the train/val/test split (default: "
+                   + (f"{inherit})" if inherit else "%(default)s)"))
     g.add_argument("--train-fraction", type=fraction, default=1.0, metavar="F",
-                   help="train on this stratified fraction of the training split (default 1)")
+                   help="train on this stratified fraction of the training split "
+                   "(default: %(default)s)")
 
 
-def run_arguments(p, epochs=10):
+def device_arguments(p):
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast (meant for GPUs: on the CPU it is slower)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
+def run_arguments(p, epochs=10, batch_size=64, seed=0):
+    """The training and output options; `seed` None: --seed S is short for --seeds S."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=epochs, help=f"(default {epochs})")
-    g.add_argument("--batch-size", type=positive_int, default=64,
-                   help="global batch, split across torchrun ranks (default 64)")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (1e-3)")
-    g.add_argument("--weight-decay", type=weight, default=0.0)
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation and order (0)")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint in --out if there is one")
+    g.add_argument("--epochs", type=positive_int, default=epochs, metavar="N", help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
+                   help="global batch, split across torchrun ranks (default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=weight, default=0.0, metavar="WD", help="(default: %(default)s)")
+    g.add_argument("--seed", type=seed_type, default=seed, metavar="S",
+                   help="the same as --seeds SEED" if seed is None
+                   else "seed of initialisation and order (default: %(default)s)")
+    device_arguments(g)
+    g = p.add_argument_group("output")
     g.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help=f"where checkpoints (*.pt) and metrics (*.json) go (default {DEFAULT_OUT})")
+                   help="where checkpoints (*.pt), metrics (*.json) and per-epoch logs "
+                   "(*.epochs.jsonl) go (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only on a terminal; the line per "
+                   "epoch on stderr stays)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log each epoch to DIR/tensorboard/ (needs tensorboard)")
+    exclusive = g.add_mutually_exclusive_group()
+    exclusive.add_argument("--resume", action="store_true",
+                           help="continue the runs already in --out (with the same settings; "
+                           "--epochs may grow)")
+    exclusive.add_argument("--overwrite", action="store_true",
+                           help="replace the runs already in --out (once the new ones finish)")
 
 
 def loss_arguments(p, sweep=False):
     g = p.add_argument_group("distillation loss")
     if not sweep:
-        g.add_argument("--temperature", type=positive_float, default=4.0, help="T (default 4)")
-        g.add_argument("--soft-weight", type=weight, default=0.5,
-                       help="weight of T^2 * KL (default 0.5)")
-        g.add_argument("--hard-weight", type=weight, default=0.5,
-                       help="weight of the cross-entropy with the labels (default 0.5)")
-    g.add_argument("--logit-weight", type=weight, default=0.0,
-                   help="weight of the squared logit difference (default 0)")
-    g.add_argument("--hint-weight", type=weight, default=0.0,
-                   help="weight of the FitNets feature-hint loss (default 0)")
+        g.add_argument("--temperature", type=positive_float, default=4.0, metavar="T",
+                       help="T (default: %(default)s)")
+        g.add_argument("--soft-weight", type=weight, default=0.5, metavar="W",
+                       help="weight of T^2 * KL (default: %(default)s)")
+        g.add_argument("--hard-weight", type=weight, default=0.5, metavar="W",
+                       help="weight of the cross-entropy with the labels (default: %(default)s)")
+    g.add_argument("--logit-weight", type=weight, default=0.0, metavar="W",
+                   help="weight of the squared logit difference (default: %(default)s)")
+    g.add_argument("--hint-weight", type=weight, default=0.0, metavar="W",
+                   help="weight of the FitNets feature-hint loss (default: %(default)s)")
     g.add_argument("--hint-layer", type=layer_pair, action="append", dest="hint_layers",
                    metavar="STUDENT:TEACHER",
-                   help="a pair of layer names for hints, repeatable (default features:features)")
-    g.add_argument("--nuclear-weight", type=weight, default=0.0,
-                   help="weight of the nuclear norm of the student's first layer (default 0)")
+                   help="a pair of layer names for hints, repeatable; needs --hint-weight "
+                   "(default: features:features)")
+    g.add_argument("--nuclear-weight", type=weight, default=0.0, metavar="W",
+                   help="weight of the nuclear norm of the student's first layer "
+                   "(default: %(default)s)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 
 
-def _config(args, **overrides):
+def _device(args):
+    """The device of --device, checked now; a warning for --bf16 on the CPU."""
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    if args.bf16 and device.type == "cpu":
+        print(f"pykd {args.command}: warning: --bf16 on the CPU is emulated and usually several "
+              "times slower than float32; it is meant for GPUs", file=sys.stderr, flush=True)
+    return device
+
+
+def _config(args, distilling, **overrides):
+    """The TrainConfig of the options, checked; an option that would do nothing is an error."""
     from .train import TrainConfig
 
+    if _given(args, "hint_layers") and not args.hint_weight:
+        raise UsageError("--hint-layer needs --hint-weight above 0: without it no hint loss is "
+                         "computed")
+    if _given(args, "temperature") and not args.soft_weight:
+        raise UsageError("--temperature only scales the soft (KD) term, which --soft-weight 0 "
+                         "turns off")
     values = {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed, "bf16": args.bf16,
-        "progress": not args.no_progress,
+        "progress": not args.no_progress, "nuclear_weight": args.nuclear_weight,
     }
-    for name in ("temperature", "soft_weight", "hard_weight", "logit_weight", "hint_weight",
-                 "nuclear_weight"):
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
-    if getattr(args, "hint_layers", None):
-        values["hint_layers"] = args.hint_layers
+    if distilling:
+        for name in ("temperature", "soft_weight", "hard_weight", "logit_weight", "hint_weight"):
+            if hasattr(args, name):
+                values[name] = getattr(args, name)
+        if args.hint_layers:
+            values["hint_layers"] = args.hint_layers
     values.update(overrides)
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.check(distilling)
+    return config
 
 
-def _load_data(spec, args, mean=None, std=None):
+def _run_options(args):
+    return {"resume": args.resume, "overwrite": args.overwrite, "device": args.device,
+            "tensorboard": args.tensorboard}
+
+
+def _claim(args, names, files=()):
+    """Before any work: every run in `names` and every file in `files` may be written to --out
+    (see train.check_out); refuses otherwise."""
+    from .train import check_out
+
+    for name in names:
+        check_out(args.out, name, args.resume, args.overwrite)
+    for path in files:
+        path = os.path.join(args.out, path)
+        if os.path.exists(path) and not (args.resume or args.overwrite):
+            raise UsageError(f"{path} holds an earlier result: pass --resume to continue those "
+                             "runs or --overwrite to replace them (or choose another --out)")
+
+
+def _load_data(spec, data_seed, train_fraction, mean=None, std=None):
     from .data import load_dataset
-
-    return load_dataset(spec, data_seed=args.data_seed, train_fraction=args.train_fraction,
-                        mean=mean, std=std)
-
-
-def _data_meta(spec, args, splits):
     from .train import data_meta
 
-    return data_meta(spec, args.data_seed, args.train_fraction, splits)
+    splits = load_dataset(spec, data_seed=data_seed, train_fraction=train_fraction, mean=mean,
+                          std=std)
+    return splits, data_meta(spec, data_seed, train_fraction, splits)
 
 
-def _teacher_data(args, teacher_path):
-    """The splits for distilling from `teacher_path`: the teacher's data set unless --dataset is
-    given, always normalised with the teacher's statistics so it sees the inputs it was
-    trained on."""
+def _teacher_data(args):
+    """The splits for distilling from --teacher: its data set and split seed unless --dataset
+    or --data-seed say otherwise, always normalised with the teacher's statistics so that it
+    sees the inputs it was trained on."""
     from .train import load_checkpoint
 
-    data = load_checkpoint(teacher_path)["data"]
+    data = load_checkpoint(args.teacher)["data"]
     spec = args.dataset or data["spec"]
-    splits = _load_data(spec, args, data["mean"], data["std"])
-    return spec, splits
+    data_seed = data["data_seed"] if args.data_seed is None else args.data_seed
+    if spec is None or data_seed is None:
+        raise UsageError(f"--teacher {args.teacher} does not record its data set: pass "
+                         "--dataset and --data-seed")
+    return _load_data(spec, data_seed, args.train_fraction, data["mean"], data["std"])
 
 
-def _check_model(name):
+def _check_model(name, option):
     from . import models
 
     try:
         models.get_factory(name)
     except ValueError as e:
-        raise UsageError(f"--model/--student: {e}") from None
+        raise UsageError(f"{option}: {e}") from None
+
+
+def _run_name(args, default):
+    """--name, or the default made a plain file name (a factory's ``module:function`` has a
+    colon, which no file name should carry)."""
+    if args.name is None:
+        return re.sub(r"[^\w.+-]", "-", default)
+    if not re.fullmatch(r"\w[\w.+-]*", args.name):
+        raise UsageError(f"--name {args.name!r}: expected a plain file name (letters, digits "
+                         "and . _ + -, not starting with . or -)")
+    return args.name
 
 
 def _print_result(label, metrics):
     test = metrics["test"]
     print(f"{label}: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1']:.4f} "
           f"({metrics['history'][-1]['epoch'] if metrics['history'] else 0} epochs) "
-          f"-> {metrics.get('checkpoint', '')}", flush=True)
+          f"-> {metrics['checkpoint']}", flush=True)
 
 
 def _is_main():
@@ -196,32 +321,36 @@ def _is_main():
 def train_arguments(p):
     p.add_argument("--model", required=True, metavar="NAME",
                    help="keras-teacher, keras-student, tutorial-teacher, tutorial-student or "
-                   "package.module:function")
-    p.add_argument("--name", help="checkpoint name in --out (default: the model's name)")
+                   "module:function (importable from the current directory)")
+    p.add_argument("--name", help="run name in --out (default: the model's name)")
     data_arguments(p)
     run_arguments(p)
     g = p.add_argument_group("regularisation")
-    g.add_argument("--nuclear-weight", type=weight, default=0.0,
-                   help="weight of the nuclear norm of the first layer (default 0)")
+    g.add_argument("--nuclear-weight", type=weight, default=0.0, metavar="W",
+                   help="weight of the nuclear norm of the first layer (default: %(default)s)")
 
 
 def cmd_train(args):
     """Train a model on the labels alone (a teacher, or a student from scratch)."""
     from .train import run
 
-    _check_model(args.model)
-    splits = _load_data(args.dataset, args)
-    metrics = run(args.model, splits, _data_meta(args.dataset, args, splits), _config(args),
-                  args.out, args.name or args.model, resume=args.resume, device=args.device)
+    _device(args)
+    _check_model(args.model, "--model")
+    name = _run_name(args, args.model)
+    config = _config(args, distilling=False)
+    _claim(args, [name])
+    splits, data = _load_data(args.dataset, args.data_seed, args.train_fraction)
+    metrics = run(args.model, splits, data, config, args.out, name, **_run_options(args))
     if _is_main():
-        _print_result(args.name or args.model, metrics)
+        _print_result(name, metrics)
 
 
 def distill_arguments(p):
     p.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's .pt")
-    p.add_argument("--student", required=True, metavar="NAME", help="the student model's name")
-    p.add_argument("--name", help="checkpoint name in --out (default: STUDENT-distilled)")
-    data_arguments(p, default=None)
+    p.add_argument("--student", required=True, metavar="NAME",
+                   help="the student model (a name as for train --model)")
+    p.add_argument("--name", help="run name in --out (default: STUDENT-distilled)")
+    data_arguments(p, inherit="the teacher's")
     run_arguments(p)
     loss_arguments(p)
 
@@ -230,162 +359,238 @@ def cmd_distill(args):
     """Distil a trained teacher into a student."""
     from .train import run
 
-    _check_model(args.student)
-    spec, splits = _teacher_data(args, args.teacher)
-    name = args.name or f"{args.student}-distilled"
-    metrics = run(args.student, splits, _data_meta(spec, args, splits), _config(args), args.out,
-                  name, teacher_path=args.teacher, resume=args.resume, device=args.device)
+    _device(args)
+    _check_model(args.student, "--student")
+    name = _run_name(args, f"{args.student}-distilled")
+    config = _config(args, distilling=True)
+    _claim(args, [name])
+    splits, data = _teacher_data(args)
+    metrics = run(args.student, splits, data, config, args.out, name, teacher_path=args.teacher,
+                  **_run_options(args))
     if _is_main():
         _print_result(name, metrics)
 
 
 def eval_arguments(p):
     p.add_argument("--checkpoint", required=True, metavar="CHECKPOINT", help="a .pt file")
-    p.add_argument("--split", choices=("train", "val", "test"), default="test")
-    data_arguments(p, default=None)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="(default: %(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", metavar="SPEC", help="digits, cifar10:PATH or folder:PATH, "
+                   "with the checkpoint's classes (default: the checkpoint's)")
+    g.add_argument("--data-seed", type=seed_type, metavar="S",
+                   help="seed of the split (default: the checkpoint's)")
+    g.add_argument("--train-fraction", type=fraction, metavar="F",
+                   help="for --split train: the fraction of the training split (default: the "
+                   "checkpoint's)")
+    device_arguments(p)
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="where the metrics JSON goes (default: beside the checkpoint)")
+                   help="where CHECKPOINT_STEM.eval-SPLIT.json goes (default: beside the "
+                   "checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an evaluation of another checkpoint or data set in that file")
 
 
 def cmd_eval(args):
     """Evaluate a checkpoint: accuracy, macro precision/recall/F1, size, MACs, latency."""
-    from . import report
-    from .train import context, evaluate, load_model
+    import torch
 
+    from . import report
+    from .train import check_classes, context, evaluate, load_model
+
+    _device(args)
+    if _given(args, "train_fraction") and args.split != "train":
+        raise UsageError(f"--train-fraction only selects training images; it does nothing for "
+                         f"--split {args.split}")
     model, state = load_model(args.checkpoint)
     data = state["data"]
     spec = args.dataset or data["spec"]
-    if args.dataset is None:  # the checkpoint's own splits
-        args.data_seed, args.train_fraction = data["data_seed"], data["train_fraction"]
-    splits = _load_data(spec, args, data["mean"], data["std"])
-    classes = state["model_args"]["num_classes"]
-    if classes != splits.num_classes:
-        raise UsageError(f"--checkpoint {args.checkpoint} predicts {classes} classes but "
-                         f"--dataset {spec} has {splits.num_classes}")
+    data_seed = data["data_seed"] if args.data_seed is None else args.data_seed
+    # The training fraction selects training images only: it matters for --split train alone.
+    train_fraction = 1.0 if args.split != "train" else data["train_fraction"] \
+        if args.train_fraction is None else args.train_fraction
+    if spec is None or data_seed is None or train_fraction is None:
+        raise UsageError(f"--checkpoint {args.checkpoint} does not record its data set: pass "
+                         "--dataset, --data-seed and --train-fraction")
+    evaluated = {"checkpoint": os.path.abspath(args.checkpoint), "run_id": state["run_id"],
+                 "epoch": state["epoch"], "dataset": spec, "data_seed": data_seed,
+                 "train_fraction": train_fraction if args.split == "train" else None,
+                 "split": args.split, "bf16": args.bf16}
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    path = os.path.join(args.out or os.path.dirname(os.path.abspath(args.checkpoint)),
+                        f"{stem}.eval-{args.split}.json")
+    _claim_evaluation(path, evaluated, args.overwrite)
+    splits, _ = _load_data(spec, data_seed, train_fraction, data["mean"], data["std"])
+    check_classes(f"--checkpoint {args.checkpoint}", data["classes"], spec, splits.classes)
     ctx = context(args.device)
     model.to(ctx.device)
     x, y = splits.split(args.split)
     metrics = evaluate(model, x, y, splits.num_classes, ctx, bf16=args.bf16)
     if not ctx.is_main:
         return
-    result = {"checkpoint": os.path.abspath(args.checkpoint), "model": state["model"],
-              "dataset": spec, "split": args.split, "metrics": metrics,
-              "cost": report.model_cost(model.eval(), x[:64].to(ctx.device))}
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    path = os.path.join(out, f"{stem}.eval.json")
+    example = torch.zeros(1, *x.shape[1:], device=ctx.device)
+    cost = report.model_cost(model, example)
+    latency = report.latency_ms(model, example)
+    result = {"evaluated": evaluated, "model": state["model"], "metrics": metrics,
+              "cost": {**cost, "inference_ms": latency["ms"], "latency": latency}}
     report.write_json(path, result)
-    cost = result["cost"]
     print(f"{state['model']} on {spec} ({args.split}, {metrics['examples']} images): "
           f"accuracy {metrics['accuracy']:.4f}, precision {metrics['precision']:.4f}, "
           f"recall {metrics['recall']:.4f}, F1 {metrics['f1']:.4f}; "
           f"{cost['parameters']:,} parameters, {cost['size_bytes']:,} bytes, "
-          f"{cost['macs'] / 1e6:.1f} M MACs, {cost['inference_ms']:.2f} ms/image -> {path}")
+          f"{cost['macs'] / 1e6:.1f} M MACs, {latency['ms']:.2f} ms/image (batch 1, median of "
+          f"{latency['repeats']}, {latency['threads']} threads) -> {path}")
 
 
-def _teacher_for(args, splits, data):
-    """--teacher if given, else a teacher trained now (or reused with --resume) in --out."""
-    from .train import run
+def _claim_evaluation(path, evaluated, overwrite):
+    """An evaluation file is rewritten only by the same evaluation, unless --overwrite."""
+    import json
 
-    if args.teacher:
-        return args.teacher
-    _check_model(args.teacher_model)
-    config = _config(args, epochs=args.teacher_epochs)
-    metrics = run(args.teacher_model, splits, data, config, args.out, "teacher",
-                  resume=args.resume, device=args.device)
-    if _is_main():
-        _print_result("teacher", metrics)
-    return os.path.join(args.out, "teacher.pt")
+    if overwrite or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            earlier = json.load(f).get("evaluated")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != evaluated:
+        raise UsageError(f"{path} holds another evaluation (of another checkpoint, epoch or data "
+                         "set): pass --overwrite to replace it or --out to write elsewhere")
+
+
+def _teacher_arguments(p, epochs):
+    p.add_argument("--teacher-model", default="keras-teacher", metavar="NAME",
+                   help="the teacher trained first (default: %(default)s)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=epochs, metavar="N",
+                   help="(default: %(default)s)")
 
 
 def sweep_arguments(p):
     p.add_argument("--teacher", metavar="CHECKPOINT",
-                   help="the teacher's .pt (default: train --teacher-model first)")
-    p.add_argument("--teacher-model", default="keras-teacher", metavar="NAME")
-    p.add_argument("--teacher-epochs", type=positive_int, default=5)
-    p.add_argument("--student", default="keras-student", metavar="NAME")
-    p.add_argument("--temperatures", type=float_list, default=[1.0, 2.0, 4.0, 8.0],
-                   metavar="T,T,...", help="(default 1,2,4,8)")
-    p.add_argument("--soft-weights", type=float_list, default=[0.25, 0.5, 0.75, 1.0],
-                   metavar="W,W,...",
-                   help="soft weights; each run's hard weight is 1 - W (default 0.25,0.5,0.75,1)")
-    data_arguments(p, default=None)
+                   help="a trained teacher's .pt (default: train --teacher-model first, as "
+                   "'teacher' in --out)")
+    _teacher_arguments(p, epochs=5)
+    p.add_argument("--student", default="keras-student", metavar="NAME",
+                   help="(default: %(default)s)")
+    p.add_argument("--temperatures", type=temperature_list, default=[1.0, 2.0, 4.0, 8.0],
+                   metavar="T,T,...", help="(default: 1,2,4,8)")
+    p.add_argument("--soft-weights", type=weight_list, default=[0.25, 0.5, 0.75, 1.0],
+                   metavar="W,W,...", help="soft weights in [0, 1]; each run's hard weight is "
+                   "1 - W (default: 0.25,0.5,0.75,1)")
+    data_arguments(p, inherit="the teacher's, or digits and 0")
     run_arguments(p, epochs=5)
     loss_arguments(p, sweep=True)
 
 
+def _sweep_name(t, w):
+    return f"sweep-T{t:g}-w{w:g}"
+
+
 def cmd_sweep(args):
-    """Distil over a temperature x soft-weight grid; writes sweep.json and sweep.png."""
+    """Distil over a temperature x soft-weight grid; chooses on validation accuracy."""
     from . import report
     from .train import run
 
-    _check_model(args.student)
+    _device(args)
+    given = _given(args, "teacher_model", "teacher_epochs")
+    if args.teacher and given:
+        raise UsageError(f"--teacher and {_flag(given[0])} both given: {_flag(given[0])} is for "
+                         "the teacher the sweep trains when there is no --teacher; pass one")
+    _check_model(args.student, "--student")
+    if not args.teacher:
+        _check_model(args.teacher_model, "--teacher-model")
+        teacher_config = _config(args, distilling=False, epochs=args.teacher_epochs)
     for t in args.temperatures:
-        if not t > 0:
-            raise UsageError(f"--temperatures: every temperature must be > 0, got {t:g}")
-    for w in args.soft_weights:
-        if not 0 <= w <= 1:
-            raise UsageError(f"--soft-weights: every weight must be in [0, 1], got {w:g}")
+        for w in args.soft_weights:
+            _config(args, distilling=True, temperature=t, soft_weight=w, hard_weight=1 - w)
+    names = ["student-alone"] + [_sweep_name(t, w) for t in args.temperatures
+                                 for w in args.soft_weights]
+    _claim(args, names + ([] if args.teacher else ["teacher"]),
+           files=("sweep.json", "sweep.md", "sweep.png"))
     if args.teacher:
-        spec, splits = _teacher_data(args, args.teacher)
+        splits, data = _teacher_data(args)
+        teacher = args.teacher
     else:
-        spec = args.dataset or "digits"
-        splits = _load_data(spec, args)
-    data = _data_meta(spec, args, splits)
-    teacher = _teacher_for(args, splits, data)
-    alone = run(args.student, splits, data, _config(args), args.out, "student-alone",
-                resume=args.resume, device=args.device)
+        splits, data = _load_data(args.dataset or "digits",
+                                  0 if args.data_seed is None else args.data_seed,
+                                  args.train_fraction)
+        metrics = run(args.teacher_model, splits, data, teacher_config, args.out, "teacher",
+                      **_run_options(args))
+        if _is_main():
+            _print_result("teacher", metrics)
+        teacher = metrics["checkpoint"] if _is_main() else os.path.join(args.out, "teacher.pt")
+    alone = run(args.student, splits, data, _config(args, distilling=False), args.out,
+                "student-alone", **_run_options(args))
     grid = []
     for t in args.temperatures:
         row = []
         for w in args.soft_weights:
-            config = _config(args, temperature=t, soft_weight=w, hard_weight=1 - w)
-            metrics = run(args.student, splits, data, config, args.out, f"sweep-T{t:g}-w{w:g}",
-                          teacher_path=teacher, resume=args.resume, device=args.device)
-            row.append(metrics["test"])
+            config = _config(args, distilling=True, temperature=t, soft_weight=w,
+                             hard_weight=1 - w)
+            metrics = run(args.student, splits, data, config, args.out, _sweep_name(t, w),
+                          teacher_path=teacher, **_run_options(args))
+            row.append({"val": metrics["val"], "test": metrics["test"]})
             if _is_main():
-                print(f"T={t:g} soft_weight={w:g}: test accuracy "
-                      f"{metrics['test']['accuracy']:.4f}, F1 {metrics['test']['f1']:.4f}",
-                      flush=True)
+                print(f"T={t:g} soft_weight={w:g}: val accuracy {metrics['val']['accuracy']:.4f}"
+                      f", test accuracy {metrics['test']['accuracy']:.4f}", flush=True)
         grid.append(row)
     if not _is_main():
         return
-    accuracy = [[m["accuracy"] for m in row] for row in grid]
-    baseline = alone["test"]["accuracy"]
-    report.plot_sweep(args.temperatures, args.soft_weights, accuracy,
-                      os.path.join(args.out, "sweep.png"), baseline=baseline)
+    # The choice is made on the validation split (ties: higher validation F1, then grid order);
+    # the test split only reports the chosen setting.
+    cells = [(i, j) for i in range(len(grid)) for j in range(len(grid[i]))]
+    ci, cj = max(cells, key=lambda c: (grid[c[0]][c[1]]["val"]["accuracy"],
+                                       grid[c[0]][c[1]]["val"]["f1"], -cells.index(c)))
+    t, w, best = args.temperatures[ci], args.soft_weights[cj], grid[ci][cj]
+    rows = [["student alone", "-", "-", f"{alone['val']['accuracy']:.4f}",
+             f"{alone['test']['accuracy']:.4f}", f"{alone['test']['f1']:.4f}", ""]]
+    for i, tt in enumerate(args.temperatures):
+        for j, ww in enumerate(args.soft_weights):
+            m = grid[i][j]
+            rows.append(["distilled", f"{tt:g}", f"{ww:g}", f"{m['val']['accuracy']:.4f}",
+                         f"{m['test']['accuracy']:.4f}", f"{m['test']['f1']:.4f}",
+                         "chosen" if (i, j) == (ci, cj) else ""])
+    table = report.markdown_table(["student", "temperature", "soft weight", "val accuracy",
+                                   "test accuracy", "test macro F1", "chosen on val"], rows)
+    summary = (f"chosen on validation: T={t:g}, soft weight {w:g} (val accuracy "
+               f"{best['val']['accuracy']:.4f}); its test accuracy {best['test']['accuracy']:.4f}"
+               f", student alone {alone['test']['accuracy']:.4f}")
+    figure = report.sweep_figure(args.temperatures, args.soft_weights,
+                                 [[m["val"]["accuracy"] for m in row] for row in grid],
+                                 chosen=(ci, cj), baseline=alone["val"]["accuracy"])
+    report.save_figure(figure, os.path.join(args.out, "sweep.png"))
+    report.write_text(os.path.join(args.out, "sweep.md"), f"{table}\n\n{summary}\n")
     report.write_json(os.path.join(args.out, "sweep.json"), {
-        "teacher": os.path.abspath(teacher), "student": args.student, "dataset": spec,
+        "teacher": os.path.abspath(teacher), "student": args.student, "dataset": data["spec"],
         "temperatures": args.temperatures, "soft_weights": args.soft_weights,
-        "test": grid, "student_alone": alone["test"],
+        "val": [[m["val"] for m in row] for row in grid],
+        "test": [[m["test"] for m in row] for row in grid],
+        "chosen": {"temperature": t, "soft_weight": w, "hard_weight": 1 - w, **best},
+        "student_alone": {"val": alone["val"], "test": alone["test"]},
     })
-    print(f"student alone: test accuracy {baseline:.4f}; "
-          f"wrote {os.path.join(args.out, 'sweep.png')} and sweep.json")
+    print(f"\n{table}\n\n{summary}\nwrote {args.out}/sweep.md, sweep.png and sweep.json")
 
 
 # The demo's defaults: a teacher trained on every label, and students that see the labels of
 # only a tenth of the training images (the setting where distillation is said to help most).
-# Chosen so that the whole demo takes a few minutes on 2 CPU cores; docs/distillation.md has the
-# measured results.
+# Chosen so that the whole demo takes a few minutes on 2 CPU cores; the README has the results.
 DEMO = {"teacher_epochs": 3, "epochs": 20, "train_fraction": 0.1, "batch_size": 32,
         "temperature": 4.0, "soft_weight": 0.5, "hard_weight": 0.5}
 
 
 def demo_arguments(p):
-    p.add_argument("--teacher-model", default="keras-teacher", metavar="NAME")
-    p.add_argument("--student-model", default="keras-student", metavar="NAME")
-    p.add_argument("--teacher-epochs", type=positive_int, default=DEMO["teacher_epochs"])
+    _teacher_arguments(p, epochs=DEMO["teacher_epochs"])
+    p.add_argument("--student-model", default="keras-student", metavar="NAME",
+                   help="(default: %(default)s)")
     p.add_argument("--teacher-fraction", type=fraction, default=1.0, metavar="F",
-                   help="fraction of the training split the teacher learns from (default 1)")
-    p.add_argument("--seeds", type=int_list, default=[0], metavar="S,S,...",
+                   help="fraction of the training split the teacher learns from "
+                   "(default: %(default)s)")
+    p.add_argument("--seeds", type=seed_list, default=[0], metavar="S,S,...",
                    help="one student alone and one distilled student per seed (the teacher uses "
-                   "the first); the table gives mean ± std over them (default 0)")
+                   "the first); the table gives mean ± std over them (default: 0)")
     data_arguments(p)
     p.set_defaults(train_fraction=DEMO["train_fraction"])
-    run_arguments(p, epochs=DEMO["epochs"])
-    p.set_defaults(batch_size=DEMO["batch_size"])
+    run_arguments(p, epochs=DEMO["epochs"], batch_size=DEMO["batch_size"], seed=None)
     loss_arguments(p)
     p.set_defaults(temperature=DEMO["temperature"], soft_weight=DEMO["soft_weight"],
                    hard_weight=DEMO["hard_weight"])
@@ -394,69 +599,73 @@ def demo_arguments(p):
 def cmd_demo(args):
     """The seed experiment: teacher, student alone, distilled student; table and plots."""
     from . import report
-    from .data import load_dataset
     from .train import run
 
-    _check_model(args.teacher_model)
-    _check_model(args.student_model)
+    _device(args)
+    if args.seed is not None:
+        if _given(args, "seeds"):
+            raise UsageError("--seed and --seeds both given: the demo trains one pair of "
+                             "students per seed in --seeds; pass only --seeds")
+        args.seeds = [args.seed]
+    _check_model(args.teacher_model, "--teacher-model")
+    _check_model(args.student_model, "--student-model")
+    seeds = args.seeds
+    teacher_config = _config(args, distilling=False, epochs=args.teacher_epochs, seed=seeds[0])
+    for s in seeds:
+        _config(args, distilling=True, seed=s)
+    names = ["teacher"] + [f"student-{kind}-seed{s}" for s in seeds
+                           for kind in ("alone", "distilled")]
+    _claim(args, names, files=("results.md", "demo.json", "curves.png"))
     started = time.perf_counter()
-    teacher_splits = load_dataset(args.dataset, data_seed=args.data_seed,
-                                  train_fraction=args.teacher_fraction)
-    teacher_data = _data_meta(args.dataset, args, teacher_splits)
-    teacher_data["train_fraction"] = args.teacher_fraction
+    teacher_splits, teacher_data = _load_data(args.dataset, args.data_seed,
+                                              args.teacher_fraction)
     # The students' labelled subset, normalised as the teacher's inputs were.
-    splits = _load_data(args.dataset, args, teacher_splits.mean, teacher_splits.std)
-    data = _data_meta(args.dataset, args, splits)
-
-    args.seed = args.seeds[0]
-    teacher = run(args.teacher_model, teacher_splits, teacher_data,
-                  _config(args, epochs=args.teacher_epochs), args.out, "teacher",
-                  resume=args.resume, device=args.device)
-    teacher_path = os.path.join(args.out, "teacher.pt")
+    splits, data = _load_data(args.dataset, args.data_seed, args.train_fraction,
+                              teacher_splits.mean, teacher_splits.std)
+    options = _run_options(args)
+    teacher = run(args.teacher_model, teacher_splits, teacher_data, teacher_config, args.out,
+                  "teacher", **options)
     if _is_main():
         _print_result("teacher", teacher)
+    teacher_path = os.path.join(args.out, "teacher.pt")
     runs = {"teacher": [teacher], "student alone": [], "distilled student": []}
-    for seed in args.seeds:
-        args.seed = seed
-        alone = run(args.student_model, splits, data, _config(args), args.out,
-                    f"student-alone-seed{seed}", resume=args.resume, device=args.device)
-        distilled = run(args.student_model, splits, data, _config(args), args.out,
-                        f"student-distilled-seed{seed}", teacher_path=teacher_path,
-                        resume=args.resume, device=args.device)
+    for s in seeds:
+        alone = run(args.student_model, splits, data, _config(args, distilling=False, seed=s),
+                    args.out, f"student-alone-seed{s}", **options)
+        distilled = run(args.student_model, splits, data, _config(args, distilling=True, seed=s),
+                        args.out, f"student-distilled-seed{s}", teacher_path=teacher_path,
+                        **options)
         runs["student alone"].append(alone)
         runs["distilled student"].append(distilled)
         if _is_main():
-            _print_result(f"seed {seed} student alone", alone)
-            _print_result(f"seed {seed} distilled student", distilled)
+            _print_result(f"seed {s} student alone", alone)
+            _print_result(f"seed {s} distilled student", distilled)
     if not _is_main():
         return
     table = report.comparison_table(
         [(label, [m["test"] for m in ms], ms[-1]["cost"]) for label, ms in runs.items()])
     seconds = time.perf_counter() - started
-    command = "pykd " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "pykd demo"
+    command = "pykd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "pykd demo"
     summary = (f"{args.dataset}: teacher {args.teacher_model} on {len(teacher_splits.train_y)} "
                f"labelled training images ({args.teacher_epochs} epochs), students "
                f"{args.student_model} on {len(splits.train_y)} ({args.epochs} epochs); "
                f"{len(splits.test_y)} test images; students' mean ± std over seeds "
-               f"{','.join(map(str, args.seeds))}; {seconds:.0f} s")
-    report.plot_curves({"teacher": teacher["history"],
-                        **{f"{label} (seed {args.seeds[-1]})": ms[-1]["history"]
-                           for label, ms in runs.items() if label != "teacher"}},
-                       os.path.join(args.out, "curves.png"))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(f"`{command}`\n\n{summary}\n\n{table}\n")
+               f"{','.join(map(str, seeds))}; {seconds:.0f} s")
+    figure = report.curves_figure({label: [m["history"] for m in ms]
+                                   for label, ms in runs.items()})
     gains = [d["test"]["accuracy"] - a["test"]["accuracy"]
              for d, a in zip(runs["distilled student"], runs["student alone"])]
+    report.save_figure(figure, os.path.join(args.out, "curves.png"))
+    report.write_text(os.path.join(args.out, "results.md"), f"`{command}`\n\n{summary}\n\n{table}\n")
     report.write_json(os.path.join(args.out, "demo.json"), {
-        "command": command, "seconds": seconds, "seeds": args.seeds,
+        "command": command, "seconds": seconds, "seeds": seeds,
         "test": {label: [m["test"] for m in ms] for label, ms in runs.items()},
         "cost": {label: ms[-1]["cost"] for label, ms in runs.items()},
         "distillation_gain": gains,
     })
     print(f"\n{summary}\n\n{table}\n")
-    mean_gain = statistics.mean(gains)
-    print(f"distilled - alone test accuracy: {mean_gain:+.4f} on average over {len(gains)} "
-          f"seed(s); wrote {args.out}/results.md, curves.png, demo.json")
+    print(f"distilled - alone test accuracy: {statistics.mean(gains):+.4f} on average over "
+          f"{len(gains)} seed(s); wrote {args.out}/results.md, curves.png, demo.json")
 
 
 def bench_arguments(p):
@@ -481,30 +690,89 @@ COMMANDS = [
     ("bench", cmd_bench, bench_arguments),
 ]
 
+# What each command imports beyond torch: the `train` extra (pyproject.toml).
+EXTRAS = {"numpy": "numpy", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+NEEDS = {"demo": ("numpy", "sklearn", "matplotlib"), "sweep": ("numpy", "sklearn", "matplotlib"),
+         "train": ("numpy", "sklearn"), "distill": ("numpy", "sklearn"),
+         "eval": ("numpy", "sklearn")}
+
+
+def _require_extras(command):
+    missing = []
+    for module in NEEDS.get(command, ()):
+        try:
+            found = importlib.util.find_spec(module) is not None  # finds without importing
+        except ImportError:
+            found = False
+        if not found:
+            missing.append(EXTRAS[module])
+    if missing:
+        raise UsageError(f"needs {' and '.join(missing)}, not installed here: "
+                         "pip install 'pykd[train]'")
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
 
 def build_parser():
     parser = Parser(prog="pykd", description="Knowledge distillation with fused PyTorch ops.")
+    parser.add_argument("--version", action="version", version=f"pykd {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, run, add_arguments in COMMANDS:
         summary = run.__doc__.strip().splitlines()[0]
         sub = commands.add_parser(name, help=summary, description=summary)
         add_arguments(sub)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, parser=sub)
     return parser
 
 
-def main(argv=None):
-    from .data import DataError
-    from .train import CheckpointError, distributed_teardown
+def _command_first(parser, argv):
+    """An option before the command is an error that shows where it goes."""
+    if not argv or not argv[0].startswith("-") or argv[0] in ("-h", "--help", "--version"):
+        return
+    names = [name for name, _, _ in COMMANDS]
+    at = next((i for i, a in enumerate(argv) if a in names), None)
+    if at is None:
+        parser.error(f"{argv[0]} before the command: options go after it, as in pykd COMMAND "
+                     f"{argv[0]} ... (commands: {', '.join(names)})")
+    parser.error(f"{shlex.join(argv[:at])} before the command: options go after it, as in "
+                 f"pykd {shlex.join([argv[at], *argv[:at], *argv[at + 1:]])}")
 
-    args = build_parser().parse_args(argv)
+
+def _one_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser()
+    _command_first(parser, argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser, which names the command
+        args.parser.error(f"unrecognized arguments: {shlex.join(unknown)}")
+    from .train import Interrupted, distributed_teardown
+
     try:
+        _require_extras(args.command)
         with distributed_teardown():
             args.run(args)
-    except (UsageError, DataError, CheckpointError, ValueError, OSError) as e:
-        print(f"pykd {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"pykd {args.command}: interrupted", file=sys.stderr)
+    except Interrupted as e:
+        where = (f"{e.checkpoint} holds {e.epoch} of {e.epochs} epochs" if e.checkpoint
+                 else "this run had saved no epoch yet")
+        print(f"pykd {args.command}: interrupted; {where}: run the same command with --resume "
+              "to continue", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print(f"pykd {args.command}: interrupted; run the same command with --resume to continue "
+              "from what was saved", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # UsageError, DataError and CheckpointError among them
+        if os.environ.get("PYKD_TRACEBACK"):
+            raise
+        print(f"pykd {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     return 0

@@ -124,7 +124,7 @@ def _read_folder(root):
     try:
         from PIL import Image
     except ImportError:
-        raise DataError("folder: reading images needs Pillow (pip install pillow)") from None
+        raise DataError("folder: reading images needs Pillow: pip install 'pykd[train]'") from None
     if not os.path.isdir(root):
         raise DataError(f"folder: no such directory: {root}")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -171,6 +171,15 @@ def _check_fraction(name, value, low_open=True):
         raise DataError(f"{name} must be in {interval}, got {value}")
 
 
+def _images_per_class(fractions):
+    """The fewest images a class needs for one in each split, rounding as the split does."""
+    for n in range(2, 10_000):
+        counts = [round(f * n) for f in fractions]
+        if min(counts) >= 1 and n - sum(counts) >= 1:
+            return n
+    return "more"
+
+
 def load_dataset(spec="digits", data_seed=0, val_fraction=0.15, test_fraction=0.2,
                  train_fraction=1.0, mean=None, std=None):
     """Reads the data set named by `spec` and returns normalised train/val/test splits.
@@ -193,6 +202,7 @@ def load_dataset(spec="digits", data_seed=0, val_fraction=0.15, test_fraction=0.
     else:
         raise DataError(f"dataset must be digits, cifar10:PATH or folder:PATH, got {spec!r}")
 
+    fractions = [val_fraction] if test_x is not None else [val_fraction, test_fraction]
     if test_x is None:
         if val_fraction + test_fraction >= 1:
             raise DataError("val_fraction + test_fraction must be below 1")
@@ -204,10 +214,23 @@ def load_dataset(spec="digits", data_seed=0, val_fraction=0.15, test_fraction=0.
     if train_fraction < 1:
         keep, _ = _stratified_split(y[train_idx], [train_fraction], data_seed + 1)
         train_idx = train_idx[keep]
-    if len(train_idx) == 0:
-        raise DataError(f"dataset {spec!r}: the training split is empty")
-
+    sizes = {"training": len(train_idx), "validation": len(val_idx), "test": len(test_y)}
+    empty = [name for name, size in sizes.items() if size == 0]
+    if empty:
+        if empty[0] == "training" and train_fraction < 1:
+            advice = "use a larger train fraction"
+        else:
+            advice = f"give each class at least {_images_per_class(fractions)} images"
+        raise DataError(
+            f"dataset {spec!r} is too small to split: its {len(y)} images in {len(classes)} "
+            f"classes leave the {empty[0]} split empty (train fraction {train_fraction:g}, "
+            f"validation fraction {val_fraction:g}); {advice}")
     train_x, train_y = x[train_idx], y[train_idx]
+    missing = sorted(set(range(len(classes))) - set(train_y.tolist()))
+    if missing:
+        raise DataError(
+            f"dataset {spec!r}: class {classes[missing[0]]!r} has no image in the training split "
+            f"(train fraction {train_fraction:g}); use a larger train fraction or more images")
     if mean is None or std is None:
         mean = train_x.mean(dim=(0, 2, 3)).tolist()
         std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()

@@ -18,6 +18,8 @@ with :func:`register_model`, or name an importable factory as ``"package.module:
 """
 import importlib
 import math
+import os
+import sys
 
 import torch
 from torch import nn
@@ -122,16 +124,32 @@ def model_names():
     return sorted(MODELS)
 
 
+def _import_from_cwd(module_name):
+    """Imports a user's module as ``python -m`` would: the current directory comes first on
+    sys.path (a console script such as ``pykd`` does not put it there by itself)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(module_name)
+
+
 def get_factory(name):
-    """The factory of a registry name or of "package.module:function"."""
+    """The factory of a registry name or of "package.module:function" (importable from the
+    current directory or sys.path)."""
     if name in MODELS:
         return MODELS[name]
     if ":" in name:
         module_name, _, attr = name.partition(":")
+        if not module_name or not attr:
+            raise ValueError(f"model {name!r}: expected package.module:function")
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
+            factory = getattr(_import_from_cwd(module_name), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"model {name!r}: cannot import it ({e})") from None
+            raise ValueError(f"model {name!r}: cannot import it ({e}; the current directory "
+                             f"is {os.getcwd()})") from None
+        except Exception as e:  # the user's module failed while it was being imported
+            raise ValueError(f"model {name!r}: importing {module_name} raised "
+                             f"{type(e).__name__}: {e}") from None
         if callable(factory):
             return factory
         raise ValueError(f"model {name!r}: {attr} is not callable")
@@ -144,7 +162,10 @@ def get_factory(name):
 def build_model(name, num_classes=10, in_channels=3, image_size=32):
     """Builds a model by registry name or "package.module:function"."""
     factory = get_factory(name)
-    model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    try:
+        model = factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    except Exception as e:  # a user's factory: report it in one line, as the CLI promises
+        raise ValueError(f"model {name!r}: its factory raised {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r}: the factory returned {type(model).__name__}, "
                          "not an nn.Module")

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "metrics_from_confusion", "model_cost", "count_macs", "inference_ms_per_image",
-    "write_atomically", "write_json", "comparison_table", "plot_curves", "plot_sweep",
+    "metrics_from_confusion", "model_cost", "count_macs", "latency_ms", "write_files",
+    "write_atomically", "write_json", "write_text", "markdown_table", "comparison_table",
+    "curves_figure", "sweep_figure", "save_figure",
 ]
 
 
@@ -73,68 +74,120 @@ def count_macs(model, example):
 
 
 @torch.no_grad()
-def inference_ms_per_image(model, images, repeats=30, warmup=5):
-    """Median latency in milliseconds of a forward pass on one image (batch of 1)."""
+def latency_ms(model, example, repeats=100, warmup=10, threads=None):
+    """Latency of one forward pass on `example` (one image, [1, C, H, W]), in milliseconds.
+
+    Measured as robustly as one process can: a fixed number of threads (`threads`, default the
+    current torch setting, restored afterwards), `warmup` untimed passes, then the median of
+    `repeats` timed ones (CUDA synchronised around each). Returns {"ms", "threads", "repeats"}.
+    """
     was_training = model.training
     model.eval()
+    previous = torch.get_num_threads()
+    threads = threads or previous
+    torch.set_num_threads(threads)
     times = []
-    for i in range(warmup + repeats):
-        x = images[i % len(images)].unsqueeze(0)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return statistics.median(times) * 1e3
+    try:
+        for i in range(warmup + repeats):
+            if example.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(example)
+            if example.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+        model.train(was_training)
+    return {"ms": statistics.median(times) * 1e3, "threads": threads, "repeats": repeats}
 
 
-def model_cost(model, images):
-    """Parameters, size in bytes (parameters and buffers), MACs and latency on `images`."""
+def model_cost(model, example):
+    """Parameters, size in bytes (parameters and buffers) and MACs per image, from a forward of
+    `example` (a batch of inputs of the right shape; zeros will do). Latency is not part of it:
+    it depends on the machine's load at that moment (see :func:`latency_ms`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        macs = count_macs(model, example)
+    finally:
+        model.train(was_training)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "size_bytes": sum(t.numel() * t.element_size()
                           for t in list(model.parameters()) + list(model.buffers())),
-        "macs": count_macs(model, images[:2]),
-        "inference_ms": inference_ms_per_image(model, images),
+        "macs": macs,
     }
 
 
-def write_atomically(path, write, binary=False):
-    """Calls write(file) on a temporary file in path's directory, fsyncs it and renames it over
-    path (and fsyncs the directory): a crash at any point leaves either the old file or the new
-    one, never a torn file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_files(files):
+    """Writes several files so that none is seen half-written and all appear together.
+
+    `files`: (path, write, binary) triples; write(f) fills a temporary file in the path's
+    directory. Every temporary file is written and fsynced first; only then are they renamed over
+    their paths, in order, and the directories fsynced. An error (or Ctrl-C) before the renames
+    leaves every old file as it was and no temporary file behind.
+    """
+    for path, _, _ in files:  # the renames must not fail half-way for this reason
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    staged = []
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write, binary in files:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+            staged.append((tmp, path))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
+            with os.fdopen(fd, "wb" if binary else "w") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
+    for directory in {os.path.dirname(os.path.abspath(path)) for _, path in staged}:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # makes the renames themselves durable
+        finally:
+            os.close(dir_fd)
 
 
-def write_json(path, obj):
-    """Writes `obj` as JSON atomically (a reader never sees half a file)."""
+def write_atomically(path, write, binary=False):
+    """Calls write(file) on a temporary file beside `path`, fsyncs it and renames it over `path`:
+    a crash at any point leaves either the old file or the new one, never a torn file."""
+    write_files([(path, write, binary)])
+
+
+def json_writer(obj):
+    """A `write` for :func:`write_files` that writes `obj` as indented JSON."""
 
     def write(f):
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
 
-    write_atomically(path, write)
+    return write
+
+
+def write_json(path, obj):
+    """Writes `obj` as JSON atomically (a reader never sees half a file)."""
+    write_atomically(path, json_writer(obj))
+
+
+def write_text(path, text):
+    write_atomically(path, lambda f: f.write(text))
 
 
 def _mean_std(values):
@@ -143,75 +196,109 @@ def _mean_std(values):
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def comparison_table(rows):
-    """A markdown table of runs. `rows`: (label, [test metrics dict per seed], cost dict)."""
-    lines = [
-        "| model | accuracy | macro F1 | precision | recall | parameters | size (KiB) "
-        "| MACs (M) | ms / image |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for label, runs, cost in rows:
-        cells = [_mean_std([r[key] for r in runs])
-                 for key in ("accuracy", "f1", "precision", "recall")]
-        lines.append(
-            f"| {label} | " + " | ".join(cells)
-            + f" | {cost['parameters']:,} | {cost['size_bytes'] / 1024:.0f} "
-            f"| {cost['macs'] / 1e6:.1f} | {cost['inference_ms']:.2f} |"
-        )
+def markdown_table(header, rows):
+    """A markdown table from a header and rows of cells (strings)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
+def comparison_table(rows):
+    """A markdown table of runs. `rows`: (label, [test metrics dict per seed], cost dict);
+    metrics over several seeds are shown as mean ± standard deviation."""
+    return markdown_table(
+        ["model", "accuracy", "macro F1", "precision", "recall", "parameters", "size (KiB)",
+         "MACs (M)"],
+        [[label] + [_mean_std([r[key] for r in runs])
+                    for key in ("accuracy", "f1", "precision", "recall")]
+         + [f"{cost['parameters']:,}", f"{cost['size_bytes'] / 1024:.0f}",
+            f"{cost['macs'] / 1e6:.1f}"]
+         for label, runs, cost in rows])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def save_figure(figure, path):
+    """Saves a matplotlib figure as PNG, atomically."""
+    write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=100), binary=True)
 
 
-def plot_curves(histories, path):
-    """Training loss and validation accuracy per epoch; `histories`: {label: [epoch dicts]}."""
-    plt = _pyplot()
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for label, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label=label)
-        acc_ax.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
-    for ax in (loss_ax, acc_ax):
+def _figure(panels, width):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    figure = Figure(figsize=(width * panels, 4), layout="tight")
+    return figure, figure.subplots(1, panels, squeeze=False)[0]
+
+
+# The per-epoch curves: (history key, y label, title). Losses of different objectives get their
+# own axes: every run's cross-entropy with the labels, and the distilled runs' KD term.
+CURVES = [
+    ("train_cross_entropy", "cross-entropy", "training cross-entropy with the labels"),
+    ("train_kd", "T² · KL(teacher ‖ student)", "training KD term (distilled runs)"),
+    ("val_accuracy", "accuracy", "validation accuracy"),
+]
+
+
+def curves_figure(runs):
+    """Per-epoch curves of groups of runs: `runs` maps a label to a list of histories (one per
+    seed). Each group is drawn as its mean over the seeds, with a band of ± one standard
+    deviation when there are several; epochs are whole numbers on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    curves = [c for c in CURVES if any(c[0] in h[0] for hs in runs.values() for h in hs if h)]
+    figure, axes = _figure(len(curves), 5)
+    for ax, (key, ylabel, title) in zip(axes, curves):
+        for k, (label, histories) in enumerate(runs.items()):
+            by_epoch = {}
+            for history in histories:
+                for record in history:
+                    if key in record:
+                        by_epoch.setdefault(record["epoch"], []).append(record[key])
+            if not by_epoch:
+                continue
+            epochs = sorted(by_epoch)
+            mean = [statistics.mean(by_epoch[e]) for e in epochs]
+            n = len(histories)
+            line, = ax.plot(epochs, mean, marker="o", color=f"C{k}",  # one colour per group
+                            label=label if n == 1 else f"{label} (mean ± std of {n} seeds)")
+            if n > 1:
+                std = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0
+                       for e in epochs]
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)],
+                                [m + s for m, s in zip(mean, std)], color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.legend(fontsize=8)
+    return figure
 
 
-def plot_sweep(temperatures, soft_weights, accuracy, path, baseline=None):
-    """Heatmap of accuracy over temperature x soft weight, beside accuracy vs soft weight lines.
+def sweep_figure(temperatures, soft_weights, accuracy, chosen=None, baseline=None):
+    """Heatmap of validation accuracy over temperature x soft weight, beside accuracy vs soft
+    weight lines. `accuracy[i][j]` belongs to temperatures[i] and soft_weights[j]; `chosen`
+    (i, j) is outlined; `baseline` (the student trained alone) is a dashed line."""
+    from matplotlib.patches import Rectangle
 
-    `accuracy[i][j]` belongs to temperatures[i] and soft_weights[j]; `baseline` (the student
-    trained alone) is drawn as a dashed line.
-    """
-    plt = _pyplot()
-    fig, (heat_ax, line_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (heat_ax, line_ax) = _figure(2, 5.5)
     image = heat_ax.imshow(accuracy, cmap="viridis", aspect="auto", origin="lower")
     heat_ax.set_xticks(range(len(soft_weights)), [f"{w:g}" for w in soft_weights])
     heat_ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
     heat_ax.set(xlabel="soft weight (hard weight = 1 - soft weight)", ylabel="temperature",
-                title="distilled student: test accuracy")
+                title="distilled student: validation accuracy")
     for i, row in enumerate(accuracy):
         for j, value in enumerate(row):
             heat_ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w", fontsize=8)
-    fig.colorbar(image, ax=heat_ax)
+    if chosen is not None:
+        i, j = chosen
+        heat_ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="r",
+                                    linewidth=2, label="chosen"))
+        heat_ax.legend(loc="upper left", fontsize=8)
+    figure.colorbar(image, ax=heat_ax)
     for t, row in zip(temperatures, accuracy):
         line_ax.plot(soft_weights, row, marker="o", label=f"T={t:g}")
     if baseline is not None:
         line_ax.axhline(baseline, color="k", linestyle="--", label="student alone")
-    line_ax.set(xlabel="soft weight", ylabel="test accuracy", title="accuracy vs soft weight")
+    line_ax.set(xlabel="soft weight", ylabel="validation accuracy",
+                title="validation accuracy vs soft weight")
     line_ax.grid(alpha=0.3)
-    line_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    line_ax.legend(fontsize=8)
+    return figure

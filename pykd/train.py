@@ -14,13 +14,22 @@ nccl on GPU); each rank reads its shard of the training set through a Distribute
 ``batch_size`` is the global batch, split across ranks. Metrics are reduced across ranks and only
 rank 0 writes files.
 
-Checkpoints are written atomically after every epoch with the optimizer and RNG states, so a run
-resumed from epoch k ends with the same weights, bit for bit, as one that never stopped.
+:func:`fit` writes a resumable checkpoint after every epoch (atomically, with the optimizer and
+RNG states), so a run resumed from epoch k ends with the same weights, bit for bit, as one that
+never stopped. :func:`run` (what the command line uses) keeps that per-epoch state in
+``NAME.partial.pt`` and writes the finished run's ``NAME.pt`` and ``NAME.json`` together, only
+once training, evaluation and the cost measurement have all succeeded.
+
+Error messages name each setting by its command-line option (``--soft-weight`` for
+``TrainConfig.soft_weight``).
 """
 import contextlib
+import json
+import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,21 +38,41 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-import pykd  # hint_loss, HintRegressor and FeatureCapture are looked up when hints are used
+import pykd  # kd_loss, hint_loss, HintRegressor and FeatureCapture
 
 from . import models, report
 from .loss import KDLoss
 
 __all__ = [
-    "TrainConfig", "CheckpointError", "fit", "evaluate", "save_checkpoint", "load_checkpoint",
-    "load_model", "run",
+    "TrainConfig", "CheckpointError", "Interrupted", "EpochLog", "fit", "evaluate",
+    "save_checkpoint", "load_checkpoint", "load_model", "check_classes", "check_out",
+    "run_files", "resolve_device", "run",
 ]
 
-CHECKPOINT_FORMAT = "pykd-checkpoint/1"
+CHECKPOINT_FORMAT = "pykd-checkpoint/2"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or not the one asked for."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training. `checkpoint` holds the last finished epoch, `epoch`, of `epochs`
+    (None and 0 when nothing was saved)."""
+
+    def __init__(self, checkpoint, epoch, epochs):
+        super().__init__(checkpoint, epoch, epochs)
+        self.checkpoint, self.epoch, self.epochs = checkpoint, epoch, epochs
+
+
+def option(name):
+    """The command-line option of a TrainConfig field."""
+    return "--hint-layer" if name == "hint_layers" else "--" + name.replace("_", "-")
+
+
+# The loss terms that need a teacher; a run without one neither uses nor records them.
+DISTILLATION_FIELDS = ("temperature", "soft_weight", "hard_weight", "logit_weight", "hint_weight",
+                       "hint_layers")
 
 
 @dataclass
@@ -54,34 +83,89 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     bf16: bool = False
-    progress: bool = True  # shown only on rank 0 and when stderr is a terminal
+    progress: bool = True  # tqdm bars, shown only on rank 0 and when stderr is a terminal
     # Distillation terms: they need a teacher (nuclear_weight does not).
     temperature: float = 4.0
     soft_weight: float = 0.5
     hard_weight: float = 0.5
     logit_weight: float = 0.0
     hint_weight: float = 0.0
-    # (student layer, teacher layer) names as in named_modules(); the default pairs the models'
-    # `features` trunks, which every registered model has.
+    # (student layer, teacher layer) names as in named_modules(), used when hint_weight > 0; the
+    # default pairs the models' `features` trunks, which every registered model has.
     hint_layers: list = field(default_factory=lambda: [("features", "features")])
     nuclear_weight: float = 0.0
 
-    def check(self):
+    def check(self, distilling=False):
+        """Raises ValueError, naming the setting, for a value that cannot train anything."""
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("weight_decay", "soft_weight", "hard_weight", "logit_weight", "hint_weight",
-                     "nuclear_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option(name)} must be an integer >= 1, got {value!r}")
+        for name in ("lr", "temperature", "weight_decay", "soft_weight", "hard_weight",
+                     "logit_weight", "hint_weight", "nuclear_weight"):
+            value = getattr(self, name)
+            positive = name in ("lr", "temperature")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0 or (positive and value == 0)):
+                relation = "> 0" if positive else ">= 0"
+                raise ValueError(f"{option(name)} must be a finite number {relation}, "
+                                 f"got {value!r}")
+        if distilling and not (self.soft_weight or self.hard_weight or self.logit_weight
+                               or self.hint_weight):
+            raise ValueError("--soft-weight, --hard-weight, --logit-weight and --hint-weight are "
+                             "all 0: the student would learn nothing")
+        if distilling and self.hint_weight:
+            pairs = [tuple(p) for p in self.hint_layers]
+            if not pairs or any(len(p) != 2 for p in pairs):
+                raise ValueError(f"--hint-layer: expected (student, teacher) name pairs, "
+                                 f"got {self.hint_layers!r}")
+            for side, names in (("student", [s for s, _ in pairs]),
+                                ("teacher", [t for _, t in pairs])):
+                repeated = sorted({n for n in names if names.count(n) > 1})
+                if repeated:
+                    raise ValueError(f"--hint-layer: the {side} layer {repeated[0]!r} is named "
+                                     "twice; name each layer once")
+
+    def record(self, distilling):
+        """The settings as stored with a run: without the distillation terms when there is no
+        teacher, without the hint layers when there is no hint loss."""
+        values = asdict(self)
+        del values["progress"]
+        values["hint_layers"] = [list(p) for p in self.hint_layers]
+        if not distilling:
+            for name in DISTILLATION_FIELDS:
+                del values[name]
+        elif not self.hint_weight:
+            del values["hint_layers"]
+        return values
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed context
+# Devices and the distributed context
+
+
+def resolve_device(device=None):
+    """The torch.device for "cpu", "cuda" or "cuda:N" (None: cuda when available); ValueError
+    naming --device for any other device or one this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(device)
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {text}: expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return torch.device("cpu")
+    if parsed.type != "cuda":
+        raise ValueError(f"--device {text}: pykd trains on cpu or cuda (cuda:N), not {parsed.type}")
+    if torch.version.cuda is None:
+        raise ValueError(f"--device {text}: this torch ({torch.__version__}) is a CPU-only build; "
+                         "install a CUDA build of torch or use --device cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: no CUDA GPU is visible")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return parsed
 
 
 @dataclass
@@ -97,19 +181,18 @@ class Context:
 
 def context(device=None):
     """The process's rank, world size and device; joins the process group under torchrun."""
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and device in (None, "cuda")
+        cuda = device.type == "cuda"
         if not dist.is_initialized():
             if cuda:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group("nccl" if cuda else "gloo")
         return Context(dist.get_rank(), world,
                        torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Context(0, 1, torch.device(device))
+    return Context(0, 1, device)
 
 
 def _all_reduce(ctx, tensor):
@@ -121,6 +204,33 @@ def _all_reduce(ctx, tensor):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
+# What every checkpoint holds, with its type; nested dicts list their own fields.
+CHECKPOINT_FIELDS = {
+    "format": str, "run_id": str, "complete": bool, "model": str, "epoch": int,
+    "model_args": {"num_classes": int, "in_channels": int, "image_size": int},
+    # spec, data_seed and train_fraction are None when fit() was not told how the data was made
+    "data": {"spec": (str, type(None)), "data_seed": (int, type(None)),
+             "train_fraction": (int, float, type(None)), "classes": list, "mean": list,
+             "std": list},
+    "teacher": (dict, type(None)), "config": dict, "history": list, "state_dict": dict,
+    "regressors": dict, "optimizer": dict, "rng": dict,
+}
+
+
+def _check_fields(path, state, fields, prefix=""):
+    for name, kind in fields.items():
+        where = repr(prefix + name)
+        if name not in state:
+            raise CheckpointError(f"{path} is not a complete pykd checkpoint: it has no {where}")
+        value = state[name]
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{path}: {where} is a {type(value).__name__}, not a dict")
+            _check_fields(path, value, kind, f"{prefix}{name}.")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: {where} is a {type(value).__name__}, not what a "
+                                  "pykd checkpoint holds there")
+
 
 def save_checkpoint(path, state):
     """torch.save, atomically: a crash at any point leaves either the previous checkpoint or the
@@ -129,15 +239,47 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
+    """A pykd checkpoint's dict, with every field checked; CheckpointError in one line for
+    anything else (missing, a directory, empty, not a checkpoint, another format, incomplete)."""
+    path = str(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a pykd checkpoint (not a file that torch.save "
+                              f"wrote: {type(e).__name__} in torch.load)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("format"), str) or not (
+            state["format"].startswith("pykd-checkpoint/")):
         raise CheckpointError(f"{path} is not a pykd checkpoint")
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a {state['format']} checkpoint; this pykd reads "
+                              f"{CHECKPOINT_FORMAT}: train it again")
+    _check_fields(path, state, CHECKPOINT_FIELDS)
     return state
+
+
+def _load_weights(module, state_dict, what):
+    """load_state_dict with a one-line error when the module no longer fits the weights."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    resized = [k for k in expected if k in state_dict
+               and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or resized:
+        problems = [f"{label} {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("other shapes for", resized)) if keys]
+        raise CheckpointError(f"{what} do not fit the model as it is defined now "
+                              f"({'; '.join(problems)}): its definition changed since the "
+                              "checkpoint was saved")
+    module.load_state_dict(state_dict)
 
 
 def load_model(path, expect=None):
@@ -146,8 +288,22 @@ def load_model(path, expect=None):
     if expect is not None and state["model"] != expect:
         raise CheckpointError(f"checkpoint {path} holds model {state['model']!r}, not {expect!r}")
     model = models.build_model(state["model"], **state["model_args"])
-    model.load_state_dict(state["state_dict"])
+    _load_weights(model, state["state_dict"], f"the weights in {path} (model {state['model']})")
     return model, state
+
+
+def check_classes(what, trained, spec, classes):
+    """CheckpointError unless `trained` (a checkpoint's class names) are the data set's, in the
+    same order: a model's outputs mean nothing on classes numbered differently."""
+    trained, classes = list(trained), list(classes)
+    if trained == classes:
+        return
+    if len(trained) != len(classes):
+        raise CheckpointError(f"{what} was trained on {len(trained)} classes but --dataset "
+                              f"{spec} has {len(classes)}")
+    i = next(i for i, (a, b) in enumerate(zip(trained, classes)) if a != b)
+    raise CheckpointError(f"{what} was trained on other classes than --dataset {spec} has: "
+                          f"class {i} is {trained[i]!r} there but {classes[i]!r} here")
 
 
 def _rng_state():
@@ -163,6 +319,50 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _settings(meta, config):
+    """What a resumed run must share with the run it continues, by command-line option."""
+    data = meta.get("data") or {}
+    teacher = meta.get("teacher")
+    return {
+        "model": meta.get("model"),
+        "--dataset": data.get("spec"),
+        "--data-seed": data.get("data_seed"),
+        "--train-fraction": data.get("train_fraction"),
+        "class names": data.get("classes"),
+        "data set contents (its normalisation statistics)": [data.get("mean"), data.get("std")],
+        "model arguments": meta.get("model_args"),
+        "--teacher": teacher and f"{teacher['path']} (run {teacher['run_id']}, "
+                                 f"{teacher['epoch']} epochs)",
+        **{option(k): v for k, v in config.items() if k != "epochs"},
+    }
+
+
+def _check_resume(path, state, meta, config, distilling):
+    """CheckpointError naming the first setting that differs from the checkpoint's."""
+    old = _settings(state, state["config"])
+    new = _settings(meta or {}, config.record(distilling))
+    for key in dict.fromkeys([*old, *new]):
+        if old.get(key) != new.get(key):
+            raise CheckpointError(
+                f"cannot resume {path}: it was started with {key} {_show(old.get(key))}, not "
+                f"{_show(new.get(key))}; resume with the same settings (only --epochs may grow) "
+                "or pass --overwrite to start again")
+    if state["epoch"] > config.epochs:
+        raise CheckpointError(f"cannot resume {path} with --epochs {config.epochs}: it has "
+                              f"already trained {state['epoch']} epochs (pass --epochs "
+                              f"{state['epoch']} or more, or --overwrite to start again)")
+
+
+def _show(value):
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list) and all(isinstance(v, list) and len(v) == 2 for v in value):
+        return " ".join(f"{a}:{b}" for a, b in value)  # hint layers
+    return str(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # The student with its hint regressors
 
@@ -172,7 +372,31 @@ def first_layer_weight(model):
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             return module.weight
-    raise ValueError("the student has no Conv or Linear layer for the nuclear-norm penalty")
+    raise ValueError("--nuclear-weight: the student has no Conv or Linear layer to penalise")
+
+
+def _check_layers(side, model, names):
+    """ValueError naming --hint-layer unless every name is a submodule of `model`."""
+    known = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        if name not in known:
+            listed = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+            raise ValueError(f"--hint-layer: the {side} ({type(model).__name__}) has no layer "
+                             f"{name!r}; its layers are {listed}")
+
+
+def _captured(side, capture, name):
+    features = capture.features
+    if name not in features:
+        raise ValueError(f"--hint-layer: the {side}'s layer {name!r} did not run in a forward "
+                         "pass")
+    value = features[name]
+    if not isinstance(value, torch.Tensor) or value.dim() not in (2, 4):
+        kind = f"a {value.dim()}-d tensor" if isinstance(value, torch.Tensor) else \
+            type(value).__name__
+        raise ValueError(f"--hint-layer: the {side}'s layer {name!r} gives {kind}; hints need "
+                         "[B, C] or [B, C, H, W] features")
+    return value
 
 
 class Student(nn.Module):
@@ -188,17 +412,18 @@ class Student(nn.Module):
         self.capture = None
         if not hint_layers:
             return
+        _check_layers("student", model, self.hint_layers)
         self.capture = pykd.FeatureCapture(model, self.hint_layers)
         was_training = model.training
         with torch.no_grad():
             model.eval()(example)  # eval: a shape probe must not move BatchNorm statistics
         model.train(was_training)
         for name, shape in zip(self.hint_layers, teacher_shapes):
-            student_shape = self.capture.features[name].shape
-            if len(student_shape) != len(shape) or len(shape) not in (2, 4):
+            student_shape = _captured("student", self.capture, name).shape
+            if len(student_shape) != len(shape):
                 raise ValueError(
-                    f"hint layers: student {name} gives {tuple(student_shape)} but the teacher's "
-                    f"layer gives {tuple(shape)}; both must be [B, C] or [B, C, H, W]")
+                    f"--hint-layer: the student's {name} gives {tuple(student_shape)} but the "
+                    f"teacher's layer gives {tuple(shape)}; pair layers of the same kind")
             kind = "conv" if len(shape) == 4 else "linear"
             self.regressors.append(pykd.HintRegressor(student_shape[1], shape[1], kind=kind))
             self.teacher_sizes.append(tuple(shape[2:]) if kind == "conv" else None)
@@ -246,20 +471,89 @@ def _progress(iterable, enabled, desc):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resume=False,
-        on_epoch_end=None, device=None):
+def format_epoch(record, epochs):
+    """The line printed for a finished epoch."""
+    losses = f"cross-entropy {record['train_cross_entropy']:.4f}"
+    if "train_kd" in record:
+        losses += f", KD {record['train_kd']:.4f}"
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} ({losses}), "
+            f"train accuracy {record['train_accuracy']:.4f}, "
+            f"val accuracy {record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
+
+
+class EpochLog:
+    """Reports a run as it goes (on rank 0): a line per epoch and notes on `stream` (stderr),
+    each epoch's record appended to the JSON-lines file `jsonl`, and TensorBoard scalars in
+    `tensorboard_dir` when given (torch.utils.tensorboard, which needs the tensorboard
+    package)."""
+
+    def __init__(self, name, jsonl=None, tensorboard_dir=None, stream=None):
+        self.name, self.jsonl, self.stream = name, jsonl, stream or sys.stderr
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("--tensorboard needs the tensorboard package: "
+                                 "pip install tensorboard") from None
+            self.writer = SummaryWriter(tensorboard_dir)
+
+    def message(self, text):
+        print(f"{self.name}: {text}", file=self.stream, flush=True)
+
+    def epoch(self, record, epochs, run_id):
+        self.message(format_epoch(record, epochs))
+        if self.jsonl is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.jsonl)), exist_ok=True)
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"run_id": run_id, **record}) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _meta(model, splits, meta):
+    """`meta` with what the splits tell filled in, so that every checkpoint has its fields."""
+    x = splits.train_x
+    defaults = {
+        "model": type(model).__name__,
+        "model_args": {"num_classes": splits.num_classes, "in_channels": x.shape[1],
+                       "image_size": x.shape[-1]},
+        "data": data_meta(None, None, None, splits),
+        "teacher": None,
+    }
+    return {**defaults, **(meta or {})}
+
+
+def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resume_from=None,
+        on_epoch_end=None, device=None, log=None):
     """Trains `model` (any nn.Module giving [B, C] logits) on `splits` (pykd.data.Splits).
 
     With `teacher`, distils it into `model` with the losses of `config`. With `checkpoint` (a
-    path), saves after every epoch; `meta` is stored with it (model name, data description).
-    With `resume` and an existing checkpoint, continues from its last epoch. `on_epoch_end(record)`
-    is called after each epoch's checkpoint. Returns {"history", "val", "test"}.
+    path), saves the resumable state after every epoch; `meta` is stored with it (model name,
+    data description, teacher). `resume_from` (a checkpoint path) continues that run from its
+    last epoch, after checking that it was started with the same settings (only
+    `config.epochs` may grow). `log` (an :class:`EpochLog`) hears of every epoch and of the
+    resume; `on_epoch_end(record)` is called after each epoch's checkpoint. Ctrl-C raises
+    :class:`Interrupted`, which says where the last finished epoch is.
+
+    Returns {"history", "val", "test", "state"}: "state" is the checkpoint dict of the end.
     """
-    config.check()
-    ctx = context(device)
     distilling = teacher is not None
-    hints_on = distilling and config.hint_weight > 0
-    hint_layers = [tuple(p) for p in config.hint_layers] if hints_on else []
+    config.check(distilling)
+    ctx = context(device)
+    if config.batch_size % ctx.world:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be a "
+                         f"multiple of the {ctx.world} processes")
+    meta = _meta(model, splits, meta)
+    hint_layers = [tuple(p) for p in config.hint_layers] if distilling and config.hint_weight \
+        else []
     model.to(ctx.device)
 
     teacher_capture = None
@@ -268,28 +562,35 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     if distilling:
         teacher.to(ctx.device).eval().requires_grad_(False)
         if hint_layers:
-            if not hasattr(pykd, "hint_loss"):
-                raise ValueError("hint_weight needs pykd.hint_loss, which this build lacks")
+            _check_layers("student", model, [s for s, _ in hint_layers])
+            _check_layers("teacher", teacher, [t for _, t in hint_layers])
             teacher_capture = pykd.FeatureCapture(teacher, [t for _, t in hint_layers])
             with torch.no_grad():
                 teacher(example)
-            teacher_shapes = [tuple(teacher_capture.features[t].shape) for _, t in hint_layers]
+            teacher_shapes = [tuple(_captured("teacher", teacher_capture, t).shape)
+                              for _, t in hint_layers]
     student = Student(model, hint_layers, teacher_shapes, example).to(ctx.device)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay)
-    kd = KDLoss(config.temperature, config.soft_weight, config.hard_weight)
+    # Every argument explicit: a change of KDLoss's defaults must not change what runs train.
+    kd = KDLoss(temperature=config.temperature, soft_weight=config.soft_weight,
+                hard_weight=config.hard_weight, ignore_index=-100)
 
     history, start_epoch = [], 0
-    if resume and checkpoint and os.path.exists(checkpoint):
-        state = load_checkpoint(checkpoint)
-        if meta and state.get("model") != meta.get("model"):
-            raise CheckpointError(f"cannot resume: {checkpoint} holds model {state.get('model')!r}"
-                                  f", not {meta.get('model')!r}")
-        model.load_state_dict(state["state_dict"])
-        student.regressors.load_state_dict(state["regressors"])
+    run_id = meta.get("run_id") or uuid.uuid4().hex
+    saved = (None, 0)  # the checkpoint that holds the last finished epoch
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        _check_resume(resume_from, state, meta, config, distilling)
+        _load_weights(model, state["state_dict"], f"the weights in {resume_from}")
+        _load_weights(student.regressors, state["regressors"],
+                      f"the hint regressors in {resume_from}")
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
+        saved = (resume_from, start_epoch)
+        if log is not None:
+            log.message(f"resuming from epoch {start_epoch} of {config.epochs} ({resume_from})")
 
     trainable = student
     if ctx.world > 1:
@@ -300,20 +601,29 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     # The sampler's order depends only on (seed, epoch): the same after a resume, and sharded.
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
                                  seed=config.seed)
-    loader = DataLoader(dataset, batch_size=max(1, config.batch_size // ctx.world),
-                        sampler=sampler)
+    loader = DataLoader(dataset, batch_size=config.batch_size // ctx.world, sampler=sampler)
     show = config.progress and ctx.is_main and sys.stderr.isatty()
     first_weight = first_layer_weight(model) if config.nuclear_weight else None
+
+    def snapshot(epoch, complete=False):
+        return {
+            "format": CHECKPOINT_FORMAT, **meta, "run_id": run_id, "complete": complete,
+            "state_dict": model.state_dict(), "regressors": student.regressors.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": _rng_state(),
+            "config": config.record(distilling), "history": history,
+        }
 
     try:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             student.train()
             started = time.perf_counter()
-            sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss, correct, count
-            batches = _progress(loader, show, f"epoch {epoch + 1}/{config.epochs}")
+            # loss, cross-entropy, KD term, correct, count
+            sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+            batches = _progress(loader, show, f"{meta['model']} epoch {epoch + 1}/{config.epochs}")
             for inputs, labels in batches:
                 inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
+                kd_term = torch.zeros((), device=ctx.device)
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     logits, hints = trainable(inputs)
                     if distilling:
@@ -321,6 +631,9 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                             teacher_logits = teacher(inputs)
                             teacher_features = [teacher_capture.features[t] for _, t in hint_layers]
                         loss = kd(logits, teacher_logits, labels)
+                        with torch.no_grad():  # for the record only
+                            kd_term = pykd.kd_loss(logits.detach().float(),
+                                                   teacher_logits.float(), config.temperature)
                         if config.logit_weight:
                             loss = loss + config.logit_weight * F.mse_loss(
                                 logits.float(), teacher_logits.float())
@@ -336,17 +649,22 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                 loss.backward()
                 optimizer.step()
                 n = len(labels)
-                sums += torch.stack([loss.detach().double() * n,
+                with torch.no_grad():
+                    cross_entropy = F.cross_entropy(logits.detach().float(), labels)
+                sums += torch.stack([loss.detach().double() * n, cross_entropy.double() * n,
+                                     kd_term.double() * n,
                                      (logits.argmax(-1) == labels).sum().double(),
                                      torch.tensor(n, dtype=torch.float64, device=ctx.device)])
                 if show:
                     batches.set_postfix(loss=f"{loss.item():.4f}")
-            loss_sum, correct, count = _all_reduce(ctx, sums).tolist()
+            loss_sum, ce_sum, kd_sum, correct, count = _all_reduce(ctx, sums).tolist()
             val = evaluate(model, splits.val_x, splits.val_y, splits.num_classes, ctx,
                            bf16=config.bf16)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / count,
+                "train_cross_entropy": ce_sum / count,
+                **({"train_kd": kd_sum / count} if distilling else {}),
                 "train_accuracy": correct / count,
                 "train_examples": int(count),  # over all ranks (the sampler pads to a multiple)
                 "val_accuracy": val["accuracy"],
@@ -355,19 +673,14 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
             }
             history.append(record)
             if checkpoint and ctx.is_main:
-                save_checkpoint(checkpoint, {
-                    "format": CHECKPOINT_FORMAT,
-                    **(meta or {}),
-                    "state_dict": model.state_dict(),
-                    "regressors": student.regressors.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "rng": _rng_state(),
-                    "config": asdict(config),
-                    "history": history,
-                })
+                save_checkpoint(checkpoint, snapshot(epoch + 1))
+                saved = (checkpoint, epoch + 1)
+            if log is not None:
+                log.epoch(record, config.epochs, run_id)
             if on_epoch_end is not None:
                 on_epoch_end(record)
+    except KeyboardInterrupt:
+        raise Interrupted(*saved, config.epochs) from None
     finally:  # the hooks go even when a run stops early
         for capture in (student.capture, teacher_capture):
             if capture is not None:
@@ -378,45 +691,122 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                         bf16=config.bf16),
         "test": evaluate(model, splits.test_x, splits.test_y, splits.num_classes, ctx,
                          bf16=config.bf16),
+        "state": snapshot(len(history) and history[-1]["epoch"], complete=True),
     }
 
 
 def data_meta(spec, data_seed, train_fraction, splits):
     """What a checkpoint records about its data, enough to rebuild the same splits and inputs."""
     return {"spec": spec, "data_seed": data_seed, "train_fraction": train_fraction,
-            "classes": splits.classes, "mean": splits.mean, "std": splits.std}
+            "classes": list(splits.classes), "mean": list(splits.mean), "std": list(splits.std)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: the files of a named run in an output directory
+
+
+def run_files(out_dir, name):
+    """The files of run `name` in `out_dir`: the finished run's checkpoint and metrics, the
+    resumable state of an unfinished one, and the per-epoch log."""
+    base = os.path.join(str(out_dir), name)
+    return {"checkpoint": f"{base}.pt", "metrics": f"{base}.json",
+            "partial": f"{base}.partial.pt", "epochs": f"{base}.epochs.jsonl"}
+
+
+def check_out(out_dir, name, resume=False, overwrite=False):
+    """Refuses (CheckpointError) to start run `name` where an earlier one left files, unless
+    `resume` (continue it) or `overwrite` (replace it, once the new run has finished) says what
+    to do with them. Returns the checkpoint to resume from, or None."""
+    files = run_files(out_dir, name)
+    if resume and overwrite:
+        raise CheckpointError("--resume and --overwrite contradict each other: pass one")
+    if overwrite:
+        return None
+    partial, finished, metrics = (files[k] if os.path.exists(files[k]) else None
+                                  for k in ("partial", "checkpoint", "metrics"))
+    if resume:
+        if partial or finished:
+            return partial or finished
+        if metrics:
+            raise CheckpointError(f"{metrics} holds the results of an earlier run, but its "
+                                  f"checkpoint {files['checkpoint']} is gone, so it cannot be "
+                                  "resumed: pass --overwrite to replace it")
+        return None
+    if partial or finished or metrics:
+        what = (f"{partial} holds a stopped run" if partial
+                else f"{finished} holds a finished run" if finished
+                else f"{metrics} holds the results of an earlier run")
+        raise CheckpointError(f"{what}: pass --resume to continue it or --overwrite to replace "
+                              "it (or choose another --out or --name)")
+    return None
+
+
+def load_teacher(path, spec, classes):
+    """The model of a finished run, checked against the data set's classes, and how a student's
+    checkpoint records it."""
+    teacher, state = load_model(path)
+    if not state["complete"]:
+        raise CheckpointError(f"--teacher {path} is a stopped run ({state['epoch']} of "
+                              f"{state['config'].get('epochs')} epochs): finish it with "
+                              "--resume first")
+    check_classes(f"--teacher {path}", state["data"]["classes"], spec, classes)
+    record = {"path": os.path.abspath(path), "run_id": state["run_id"], "epoch": state["epoch"],
+              "model": state["model"]}
+    return teacher, record
 
 
 def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, resume=False,
-        device=None, on_epoch_end=None):
+        overwrite=False, device=None, tensorboard=False, on_epoch_end=None):
     """Builds `model_name` (seeded), trains or distils it, and writes `out_dir/name.pt` and
-    `out_dir/name.json` (history, val/test metrics, cost). Returns the metrics dict.
+    `out_dir/name.json` (history, val/test metrics, cost) together once everything has
+    succeeded. Returns the metrics dict.
 
-    `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from.
+    `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from. An
+    existing run of that name is continued only with `resume` and replaced only with
+    `overwrite` (see :func:`check_out`). While it trains, the state after each epoch is kept
+    in `name.partial.pt`, each epoch's record appended to `name.epochs.jsonl` and a line per
+    epoch printed on stderr; `tensorboard` also logs to `out_dir/tensorboard/name`.
     """
-    teacher = None
+    files = run_files(out_dir, name)
+    source = check_out(out_dir, name, resume, overwrite)
+    ctx = context(device)
+    teacher, teacher_record = None, None
     if teacher_path is not None:
-        teacher, teacher_state = load_model(teacher_path)
-        teacher_classes = teacher_state["model_args"]["num_classes"]
-        if teacher_classes != splits.num_classes:
-            raise CheckpointError(
-                f"teacher {teacher_path} predicts {teacher_classes} classes but the data set "
-                f"has {splits.num_classes}")
+        teacher, teacher_record = load_teacher(teacher_path, data["spec"], splits.classes)
     torch.manual_seed(config.seed)
     model_args = {"num_classes": splits.num_classes, "in_channels": splits.train_x.shape[1],
                   "image_size": splits.train_x.shape[-1]}
     model = models.build_model(model_name, **model_args)
     meta = {"model": model_name, "model_args": model_args, "data": data,
-            "teacher": os.path.abspath(teacher_path) if teacher_path else None}
-    checkpoint = os.path.join(out_dir, f"{name}.pt")
-    result = fit(model, splits, config, teacher=teacher, checkpoint=checkpoint, meta=meta,
-                 resume=resume, on_epoch_end=on_epoch_end, device=device)
-    ctx = context(device)
-    metrics = {"name": name, **meta, "config": asdict(config), **result}
+            "teacher": teacher_record}
+    log = None
     if ctx.is_main:
-        metrics["cost"] = report.model_cost(model.eval(), splits.test_x[:64].to(ctx.device))
-        metrics["checkpoint"] = os.path.abspath(checkpoint)
-        report.write_json(os.path.join(out_dir, f"{name}.json"), metrics)
+        tensorboard_dir = os.path.join(str(out_dir), "tensorboard", name) if tensorboard else None
+        log = EpochLog(name, files["epochs"], tensorboard_dir)
+        if resume and source is None:
+            log.message(f"nothing to resume in {out_dir}: starting a new run")
+    try:
+        result = fit(model, splits, config, teacher=teacher, checkpoint=files["partial"],
+                     meta=meta, resume_from=source, on_epoch_end=on_epoch_end, device=device,
+                     log=log)
+    finally:
+        if log is not None:
+            log.close()
+    state = result.pop("state")
+    metrics = {"name": name, **meta, "run_id": state["run_id"], "config": state["config"],
+               **result}
+    if ctx.is_main:
+        example = torch.zeros(2, model_args["in_channels"], model_args["image_size"],
+                              model_args["image_size"], device=ctx.device)
+        metrics["cost"] = report.model_cost(model, example)
+        metrics["checkpoint"] = os.path.abspath(files["checkpoint"])
+        state["results"] = {key: metrics[key] for key in ("val", "test", "cost")}
+        report.write_files([
+            (files["checkpoint"], lambda f: torch.save(state, f), True),
+            (files["metrics"], report.json_writer(metrics), False),
+        ])
+        if os.path.exists(files["partial"]):
+            os.remove(files["partial"])
     return metrics
 
 

@@ -125,3 +125,20 @@ def test_bad_specs(spec):
 def test_bad_fractions():
     with pytest.raises(DataError, match=r"train_fraction must be in \(0, 1\]"):
         load_dataset("digits", train_fraction=0)
+
+
+def test_too_small_to_split(tmp_path):
+    write_folder(tmp_path / "tiny", per_class=2)
+    with pytest.raises(DataError, match="is too small to split: its 4 images in 2 classes leave "
+                       "the validation split empty .*give each class at least 4 images"):
+        load_dataset(f"folder:{tmp_path / 'tiny'}")
+    write_folder(tmp_path / "four", per_class=4)
+    s = load_dataset(f"folder:{tmp_path / 'four'}")  # the fewest the message asks for
+    assert min(len(s.train_y), len(s.val_y), len(s.test_y)) >= 1
+
+
+def test_a_class_without_training_images():
+    with pytest.raises(DataError, match="leave the training split empty.*larger train fraction"):
+        load_dataset("digits", train_fraction=0.001)
+    with pytest.raises(DataError, match="class '.' has no image in the training split"):
+        load_dataset("digits", train_fraction=0.0043)  # some classes 1, some 0

@@ -88,3 +88,26 @@ def test_user_model_by_import_path(factories):
 def test_bad_model_names(factories, name, message):
     with pytest.raises(ValueError, match=message):
         models.build_model(name)
+
+
+def test_user_model_from_the_current_directory(tmp_path, monkeypatch):
+    """As a console script runs: the current directory is not on sys.path by itself."""
+    import sys
+
+    (tmp_path / "cwd_factories.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    model = models.build_model("cwd_factories:tiny", num_classes=2)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_a_failing_factory_is_one_error(factories, tmp_path):
+    (tmp_path / "broken_factories.py").write_text(
+        "def broken(num_classes, in_channels, image_size):\n    raise RuntimeError('boom')\n"
+        "def no_arguments():\n    pass\n")
+    with pytest.raises(ValueError, match="its factory raised RuntimeError: boom"):
+        models.build_model("broken_factories:broken")
+    with pytest.raises(ValueError, match="its factory raised TypeError"):
+        models.build_model("broken_factories:no_arguments")
+    with pytest.raises(ValueError, match="expected package.module:function"):
+        models.build_model(":tiny")

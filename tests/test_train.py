@@ -27,8 +27,7 @@ def config(**kwargs):
 @pytest.fixture(scope="module")
 def teacher_path(splits, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("teacher") / "teacher.pt")
-    fit(student(5), splits, config(epochs=4), checkpoint=path,
-        meta={"model": "tutorial-student", "model_args": {"num_classes": 10}})
+    fit(student(5), splits, config(epochs=4), checkpoint=path, meta={"model": "tutorial-student"})
     return path
 
 
@@ -61,7 +60,7 @@ def test_resume_is_bit_identical(splits, teacher_path, tmp_path, distil):
     assert train.load_checkpoint(path)["epoch"] == 1
     torch.manual_seed(1234)  # the checkpoint, not the caller, must decide the RNG state
     resumed = student(seed=99)  # and its weights, not the fresh initialisation
-    result = fit(resumed, splits, cfg, checkpoint=path, meta=meta, resume=True, **kwargs)
+    result = fit(resumed, splits, cfg, checkpoint=path, meta=meta, resume_from=path, **kwargs)
 
     assert [r["epoch"] for r in result["history"]] == [1, 2, 3]
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
@@ -82,27 +81,154 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         train.save_checkpoint(path, {"format": train.CHECKPOINT_FORMAT, "epoch": 2})
     monkeypatch.undo()
-    assert train.load_checkpoint(path)["epoch"] == 1  # the last good one is intact
+    assert torch.load(path, weights_only=True)["epoch"] == 1  # the last good one is intact
     assert os.listdir(tmp_path) == ["model.pt"]  # and no temporary file is left behind
 
 
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(train.CheckpointError, match="checkpoint not found"):
-        train.load_checkpoint(str(tmp_path / "missing.pt"))
+def test_load_checkpoint_errors(tmp_path, teacher_path):
+    def fails(path, message):
+        with pytest.raises(train.CheckpointError, match=message):
+            train.load_checkpoint(str(path))
+
+    fails(tmp_path / "missing.pt", "checkpoint not found")
+    fails(tmp_path, "is a directory, not a checkpoint file")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    fails(tmp_path / "empty.pt", r"is empty \(0 bytes\)")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(train.CheckpointError, match="cannot read checkpoint"):
-        train.load_checkpoint(str(tmp_path / "junk.pt"))
+    fails(tmp_path / "junk.pt", "is not a pykd checkpoint .not a file that torch.save wrote")
+    (tmp_path / "text.pt").write_text("some text\n")
+    fails(tmp_path / "text.pt", "is not a pykd checkpoint .not a file that torch.save wrote")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(train.CheckpointError, match="not a pykd checkpoint"):
-        train.load_checkpoint(str(tmp_path / "other.pt"))
+    fails(tmp_path / "other.pt", "not a pykd checkpoint$")
+    state = torch.load(teacher_path, weights_only=True)
+    torch.save({**state, "format": "pykd-checkpoint/1"}, tmp_path / "old.pt")
+    fails(tmp_path / "old.pt", "is a pykd-checkpoint/1 checkpoint; this pykd reads")
+    for field in ("run_id", "model_args", "optimizer"):
+        torch.save({k: v for k, v in state.items() if k != field}, tmp_path / "part.pt")
+        fails(tmp_path / "part.pt", f"not a complete pykd checkpoint: it has no '{field}'")
+    torch.save({**state, "data": {**state["data"], "classes": "0123456789"}},
+               tmp_path / "typed.pt")
+    fails(tmp_path / "typed.pt", "'data.classes' is a str")
+
+
+def test_changed_model_definition(tmp_path, teacher_path):
+    state = torch.load(teacher_path, weights_only=True)
+    torch.save({**state, "model": "keras-student"}, tmp_path / "changed.pt")
+    with pytest.raises(train.CheckpointError,
+                       match=r"do not fit the model as it is defined now \(missing .*; "
+                             r"unexpected .*\): its definition changed"):
+        train.load_model(str(tmp_path / "changed.pt"))
 
 
 def test_resume_refuses_another_model(splits, tmp_path):
     path = str(tmp_path / "net.pt")
     fit(student(), splits, config(epochs=1), checkpoint=path, meta={"model": "tutorial-student"})
-    with pytest.raises(train.CheckpointError, match="holds model 'tutorial-student'"):
+    with pytest.raises(train.CheckpointError,
+                       match="started with model tutorial-student, not keras-student"):
         fit(models.build_model("keras-student"), splits, config(epochs=2), checkpoint=path,
-            meta={"model": "keras-student"}, resume=True)
+            meta={"model": "keras-student"}, resume_from=path)
+
+
+@pytest.fixture(scope="module")
+def distilled_path(splits, teacher_path, tmp_path_factory):
+    """A run of 2 epochs distilled from the teacher (that the tests below only read)."""
+    path = str(tmp_path_factory.mktemp("distilled") / "net.pt")
+    fit(student(), splits, config(epochs=2), teacher=train.load_model(teacher_path)[0],
+        checkpoint=path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": 0.01}, "--lr 0.001, not 0.01"),
+    ({"batch_size": 16}, "--batch-size 32, not 16"),
+    ({"bf16": True}, "--bf16 off, not on"),
+    ({"seed": 2}, "--seed 1, not 2"),
+    ({"temperature": 2.0}, "--temperature 4.0, not 2.0"),
+    ({"hard_weight": 0.0}, "--hard-weight 0.5, not 0.0"),
+    ({"hint_weight": 1.0}, "--hint-weight 0.0, not 1.0"),
+    ({"epochs": 1}, "with --epochs 1: it has already trained 2 epochs"),
+])
+def test_resume_refuses_changed_settings(splits, distilled_path, teacher_path, change,
+                                         message):
+    teacher, path = train.load_model(teacher_path)[0], distilled_path
+    with pytest.raises(train.CheckpointError, match=f"cannot resume {path}.*{message}"):
+        fit(student(), splits, config(**{"epochs": 3, **change}), teacher=teacher,
+            checkpoint=path, resume_from=path)
+    assert train.load_checkpoint(path)["epoch"] == 2
+
+
+def test_ctrl_c_raises_interrupted_with_the_last_epoch(splits, tmp_path):
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    path = str(tmp_path / "net.pt")
+    with pytest.raises(train.Interrupted) as stopped:
+        fit(student(), splits, config(epochs=5), checkpoint=path, on_epoch_end=interrupt)
+    assert (stopped.value.checkpoint, stopped.value.epoch, stopped.value.epochs) == (path, 2, 5)
+    with pytest.raises(train.Interrupted) as stopped:
+        fit(student(), splits, config(epochs=5), on_epoch_end=interrupt)
+    assert (stopped.value.checkpoint, stopped.value.epoch) == (None, 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"temperature": float("nan")}, r"--temperature must be a finite number > 0, got nan"),
+    ({"temperature": float("inf")}, r"--temperature must be a finite number > 0, got inf"),
+    ({"lr": 0.0}, r"--lr must be a finite number > 0, got 0.0"),
+    ({"soft_weight": -1.0}, r"--soft-weight must be a finite number >= 0"),
+    ({"epochs": 0}, r"--epochs must be an integer >= 1"),
+    ({"soft_weight": 0.0, "hard_weight": 0.0}, "are all 0: the student would learn nothing"),
+    ({"hint_weight": 1.0, "hint_layers": [("a", "t"), ("b", "t")]},
+     "the teacher layer 't' is named twice"),
+])
+def test_config_check(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change).check(distilling=True)
+
+
+def test_every_kd_loss_argument_is_explicit(splits, teacher_path, monkeypatch):
+    """A change of pykd.KDLoss's defaults must not change what a run trains."""
+    import inspect
+
+    calls = []
+
+    class Recording(train.KDLoss):
+        def __init__(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train, "KDLoss", Recording)
+    teacher = train.load_model(teacher_path)[0]
+    fit(student(), splits, config(epochs=1), teacher=teacher)
+    parameters = set(inspect.signature(pykd.KDLoss).parameters)
+    assert calls and calls[0][0] == () and set(calls[0][1]) == parameters
+
+
+def test_check_out(tmp_path):
+    files = train.run_files(tmp_path, "net")
+    assert train.check_out(tmp_path, "net") is None
+    assert train.check_out(tmp_path, "net", resume=True) is None
+    (tmp_path / "net.json").write_text("{}")
+    with pytest.raises(train.CheckpointError, match="net.json holds the results of an earlier"):
+        train.check_out(tmp_path, "net")
+    with pytest.raises(train.CheckpointError, match="its checkpoint .*net.pt is gone"):
+        train.check_out(tmp_path, "net", resume=True)
+    for name in ("checkpoint", "partial"):
+        open(files[name], "w").close()
+    with pytest.raises(train.CheckpointError, match="net.partial.pt holds a stopped run"):
+        train.check_out(tmp_path, "net")
+    assert train.check_out(tmp_path, "net", resume=True) == files["partial"]
+    assert train.check_out(tmp_path, "net", overwrite=True) is None
+    with pytest.raises(train.CheckpointError, match="contradict"):
+        train.check_out(tmp_path, "net", resume=True, overwrite=True)
+
+
+def test_check_classes():
+    train.check_classes("x", ["a", "b"], "folder:d", ["a", "b"])
+    with pytest.raises(train.CheckpointError, match="trained on 2 classes but --dataset d has 3"):
+        train.check_classes("x", ["a", "b"], "d", ["a", "b", "c"])
+    with pytest.raises(train.CheckpointError, match="class 1 is 'b' there but 'c' here"):
+        train.check_classes("x", ["a", "b"], "d", ["a", "c"])
 
 
 def test_distillation_learns_from_the_teacher_alone(splits, teacher_path):
@@ -165,8 +291,61 @@ def test_metrics_match_scikit_learn():
 
 def test_model_cost():
     model = models.build_model("keras-student")
-    cost = report.model_cost(model, torch.randn(4, 3, 32, 32))
+    cost = report.model_cost(model, torch.zeros(2, 3, 32, 32))
     # conv 16*16*64*27 + conv 8*8*256*(64*9) + dense 16384*10
     assert cost["macs"] == 442_368 + 9_437_184 + 163_840
     assert cost["parameters"] == 313_354 and cost["size_bytes"] == 313_354 * 4
-    assert cost["inference_ms"] > 0
+    latency = report.latency_ms(model, torch.zeros(1, 3, 32, 32), repeats=5, warmup=1, threads=1)
+    assert latency["ms"] > 0 and latency["threads"] == 1 and latency["repeats"] == 5
+    assert torch.get_num_threads() >= 1 and model.training  # settings restored
+
+
+def test_write_files_together(tmp_path, monkeypatch):
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "a.json")
+    report.write_files([(a, lambda f: f.write(b"old"), True), (b, lambda f: f.write("old"), False)])
+
+    def crash(f):
+        f.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        report.write_files([(a, lambda f: f.write(b"new"), True), (b, crash, False)])
+    assert open(a, "rb").read() == b"old" and open(b).read() == "old"
+    os.mkdir(tmp_path / "c.json")
+    with pytest.raises(IsADirectoryError):
+        report.write_files([(a, lambda f: f.write(b"new"), True),
+                            (str(tmp_path / "c.json"), lambda f: f.write("x"), False)])
+    assert open(a, "rb").read() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.pt", "c.json"]  # no temporary file
+
+
+def test_curves_figure_plots_the_mean_over_seeds():
+    def history(values, kd=None):
+        return [{"epoch": e + 1, "train_cross_entropy": v, "val_accuracy": v / 10,
+                 **({"train_kd": kd} if kd is not None else {})} for e, v in enumerate(values)]
+
+    figure = report.curves_figure({
+        "teacher": [history([3.0, 2.0, 1.0])],
+        "distilled": [history([4.0, 2.0, 1.0], kd=0.5), history([2.0, 2.0, 3.0], kd=1.5)],
+    })
+    ce_ax, kd_ax, acc_ax = figure.axes[:3]
+    # Losses of different objectives on different, labelled axes.
+    assert ce_ax.get_ylabel() == "cross-entropy" and kd_ax.get_ylabel().startswith("T²")
+    assert acc_ax.get_ylabel() == "accuracy"
+    teacher, distilled = ce_ax.get_lines()
+    assert list(distilled.get_ydata()) == [3.0, 2.0, 2.0]  # the mean of the two seeds
+    assert "mean ± std of 2 seeds" in distilled.get_label()
+    assert len(ce_ax.collections) == 1  # one band: only the group with several seeds has one
+    assert [line.get_label() for line in kd_ax.get_lines()] == [distilled.get_label()]
+    figure.canvas.draw()
+    low, high = ce_ax.get_xlim()
+    ticks = [t for t in ce_ax.get_xticks() if low <= t <= high]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_comparison_table_has_no_latency():
+    row = {"accuracy": 0.9, "f1": 0.8, "precision": 0.7, "recall": 0.6}
+    table = report.comparison_table([("student", [row, {**row, "accuracy": 0.8}],
+                                      {"parameters": 10, "size_bytes": 2048, "macs": 3e6})])
+    assert "| student | 0.8500 ± 0.0707 | 0.8000 ± 0.0000 |" in table
+    assert "ms" not in table
