@@ -143,7 +143,7 @@ def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
             "torch.ops.pykd.kd_loss with student_grad/teacher_grad set for the inputs that "
             "require grad (pykd.kd_loss does this)"
         )
-    grad_student, grad_teacher = ctx.saved_tensors
+    grad_student, grad_teacher = saved_grads(ctx, "kd_loss")
     wanted = [g for g, need in ((grad_student, needs_student), (grad_teacher, needs_teacher))
               if need]
     scaled = iter(first_order_only("kd_loss", scale_saved_grads(wanted, grad_loss)))

@@ -144,9 +144,10 @@ def test_gradcheck(device, classes):
     student = logits((3, classes), torch.float64, device, seed=13).requires_grad_()
     teacher = logits((3, classes), torch.float64, device, seed=14).requires_grad_()
     for reduction in ("batchmean", "none"):
-        assert torch.autograd.gradcheck(
-            lambda s, t: pykd.kd_loss(s, t, 1.7, reduction=reduction), (student, teacher)
-        )
+        with pykd.ops.functional_backward():  # gradcheck runs backward more than once
+            assert torch.autograd.gradcheck(
+                lambda s, t: pykd.kd_loss(s, t, 1.7, reduction=reduction), (student, teacher)
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -459,9 +460,10 @@ def test_gradcheck_every_divergence_with_masks_and_hard_labels(device, beta, cla
         for reduction in ("batchmean", "none"):
             module = pykd.KDLoss(1.7, soft, hard, beta=beta, reduction=reduction)
             # Rows of several blocks: a random projection of the Jacobian (fast_mode) keeps it short.
-            assert torch.autograd.gradcheck(
-                lambda s, t: module(s, t, lab), (student, teacher), fast_mode=classes > 100
-            )
+            with pykd.ops.functional_backward():
+                assert torch.autograd.gradcheck(
+                    lambda s, t: module(s, t, lab), (student, teacher), fast_mode=classes > 100
+                )
 
 
 def test_labels_are_checked():
@@ -528,9 +530,11 @@ def test_second_backward_through_the_same_graph_fails_loudly():
     loss.backward(torch.tensor(2.0), retain_graph=True)
     first = student.grad.clone()
     student.grad = None
-    try:
+    with pytest.raises(RuntimeError, match="a second backward through the same graph"):
         loss.backward(torch.tensor(2.0))
-    except RuntimeError as error:  # the kept gradient was scaled in place by the first backward
-        assert "modified by an inplace operation" in str(error) or "second" in str(error)
-    else:  # or it was not modified at all, and the second backward is right
-        torch.testing.assert_close(student.grad, first)
+    loss = pykd.kd_loss(student, logits((4, 10), torch.float32, "cpu", seed=48))
+    with pykd.ops.functional_backward():
+        loss.backward(torch.tensor(2.0), retain_graph=True)
+        student.grad = None
+        loss.backward(torch.tensor(2.0))
+    torch.testing.assert_close(student.grad, first)
