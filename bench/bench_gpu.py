@@ -34,7 +34,7 @@ def require_gpu():
                  "run it on a machine with a GPU and a CUDA build of torch and pykd.")
     import pykd  # noqa: F401  (registers the ops)
 
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("pykd::kd_loss_fwd", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("pykd::kd_loss", "CUDA"):
         sys.exit("bench_gpu.py: pykd was built without its CUDA kernels; rebuild it with a CUDA "
                  "build of torch and CUDA_HOME set (see README).")
 
