@@ -73,45 +73,26 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
   }
 }
 
-// One class: softmax is exactly 1, so the divergence, the cross-entropy and all gradients are 0,
-// except that a NaN or infinite logit makes what it enters NaN (as exp(x - x) would).
+// One class: both softmaxes are exactly 1, so every divergence and the cross-entropy are 0, and
+// so are the gradients, exactly (the row kernel would leave rounding noise). As on the CPU, a
+// NaN or infinite logit makes the row's loss NaN (x - x), and its own gradient NaN.
 template <typename s_t, typename t_t>
 __global__ void __launch_bounds__(256) one_class_kernel(const KdRowProblem p) {
   using acc_t = at::opmath_type<s_t>;
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; row < p.rows; row += stride) {
-    auto* row_loss = static_cast<acc_t*>(p.row_loss) + row;
-    auto* grad_s = p.grad_student != nullptr ? static_cast<s_t*>(p.grad_student) + row : nullptr;
-    auto* grad_t = p.grad_teacher != nullptr ? static_cast<t_t*>(p.grad_teacher) + row : nullptr;
     const int64_t label = p.labels != nullptr ? p.labels[row] : 0;
-    if (p.labels != nullptr && label == p.ignore_index) {
-      *row_loss = acc_t(0);
-      if (grad_s != nullptr) {
-        *grad_s = s_t(0);
-      }
-      if (grad_t != nullptr) {
-        *grad_t = t_t(0);
-      }
-      continue;
+    const bool valid = p.labels == nullptr || label != p.ignore_index;
+    // With a hard-label term a valid label must be the one class, as in F.cross_entropy.
+    CUDA_KERNEL_ASSERT(!(valid && p.hard_weight > 0) || label == 0);
+    const acc_t x = static_cast<acc_t>(static_cast<const s_t*>(p.student)[row * p.student_stride]);
+    const acc_t y = static_cast<acc_t>(static_cast<const t_t*>(p.teacher)[row * p.teacher_stride]);
+    static_cast<acc_t*>(p.row_loss)[row] = valid ? (x - x) + (y - y) : acc_t(0);
+    if (p.grad_student != nullptr) {
+      static_cast<s_t*>(p.grad_student)[row] = static_cast<s_t>(valid ? (x - x) * 0 : acc_t(0));
     }
-    const acc_t s = static_cast<acc_t>(static_cast<const s_t*>(p.student)[row * p.student_stride]);
-    const acc_t t = static_cast<acc_t>(static_cast<const t_t*>(p.teacher)[row * p.teacher_stride]);
-    const bool finite_s = isfinite(s), finite_t = isfinite(t);
-    const acc_t soft = finite_s && finite_t ? acc_t(0) : nan;  // divergence, and its gradients
-    acc_t loss = static_cast<acc_t>(p.soft_weight * p.temperature * p.temperature) * soft;
-    acc_t hard = acc_t(0);  // the cross-entropy, and its gradient
-    if (p.hard_weight > 0) {
-      CUDA_KERNEL_ASSERT(label == 0);
-      hard = finite_s && label == 0 ? acc_t(0) : nan;
-      loss += static_cast<acc_t>(p.hard_weight) * hard;
-    }
-    *row_loss = loss;
-    if (grad_s != nullptr) {
-      *grad_s = static_cast<s_t>(soft + hard);
-    }
-    if (grad_t != nullptr) {
-      *grad_t = static_cast<t_t>(soft);
+    if (p.grad_teacher != nullptr) {
+      static_cast<t_t*>(p.grad_teacher)[row] = static_cast<t_t>(valid ? (y - y) * 0 : acc_t(0));
     }
   }
 }

@@ -119,8 +119,8 @@ __device__ __forceinline__ double fma_acc(double a, double b, double c) {
 template <typename acc_t>
 struct CudaMath {
   using V = acc_t;
-  static __host__ __device__ __forceinline__ V where_positive(V x, V value) {
-    return x > V(0) ? value : V(0);
+  static __host__ __device__ __forceinline__ V unless_zero(V x, V value) {
+    return x == V(0) ? V(0) : value;
   }
   static __host__ __device__ __forceinline__ V log(V x) {
     return log_acc(x);
@@ -503,18 +503,25 @@ struct Row {
     grad_t_vector = grad_t != nullptr && phase<kW>(grad_t) == phase_;
   }
 
+  // log2 of a sum, or 0 for a side without mass (every logit -inf), whose probabilities then
+  // stay 0 and log-probabilities -inf (as on the CPU): a student without mass where the teacher
+  // has some gives +inf, not NaN. A NaN sum stays NaN.
+  __device__ __forceinline__ static acc_t log2_sum(acc_t sum) {
+    return sum == acc_t(0) ? acc_t(0) : log2_acc(sum);
+  }
+
   // Sets the row constants from the merged statistics.
   __device__ __forceinline__ void set_constants(const RowStats<acc_t>& st) {
     ref_s = reference(st.s.max, scale);
-    lse2_s = log2_acc(st.s.sum);
+    lse2_s = log2_sum(st.s.sum);
     ref_t = reference(st.t.max, scale);
-    lse2_t = log2_acc(st.t.sum);
+    lse2_t = log2_sum(st.t.sum);
     if (same_scale) {
       ref1 = ref_s;
       lse2_1 = lse2_s;
     } else {
       ref1 = reference(st.s.max, acc_t(kLog2e));
-      lse2_1 = log2_acc(st.s.sum1);
+      lse2_1 = log2_sum(st.s.sum1);
     }
   }
 
@@ -763,7 +770,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow, sizeof(at::opmath_type<s_t>
   if (in_range && lane == 0) {
     acc_t loss = 0;
     if (valid) {
-      loss = p.soft_factor * sums.value;
+      // A zero soft weight drops the divergence (never 0 * inf), as on the CPU.
+      if (p.soft_factor > 0) {
+        loss = p.soft_factor * sums.value;
+      }
       if (p.hard) {
         // cross_entropy = -log softmax(s)[label], relative to the row maximum like every log p.
         // A label outside [0, cols) is a device-side assert, as in F.cross_entropy.
