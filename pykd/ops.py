@@ -118,8 +118,7 @@ def _kd_loss_fake(
 def _kd_loss_setup_context(ctx, inputs, output):
     _, grad_student, grad_teacher = output
     ctx.student_grad, ctx.teacher_grad = inputs[-2:]
-    ctx.save_for_backward(grad_student, grad_teacher)
-    ctx.mark_non_differentiable(grad_student, grad_teacher)
+    save_grads_for_backward(ctx, [grad_student, grad_teacher])
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
