@@ -70,6 +70,17 @@ def scale_saved_grads(grads, grad_output):
     return grads
 
 
+def save_grads_for_backward(ctx, grads):
+    """What every fused loss's setup_context does with the gradients its forward wrote: autograd
+    keeps them (and nothing else of size) for the backward; they are outputs of the op that are no
+    gradient of anything (non-differentiable), and no zeros are made up for their own upstream
+    gradients (set_materialize_grads(False): otherwise every backward would first fill a
+    gradient-sized tensor of zeros per saved gradient)."""
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+
+
 def saved_grads(ctx, loss_name):
     """ctx.saved_tensors, with the reason when a second backward finds them scaled already."""
     try:
@@ -131,8 +142,7 @@ def _kd_loss_fake(
 def _kd_loss_setup_context(ctx, inputs, output):
     _, grad_student, grad_teacher = output
     ctx.student_grad, ctx.teacher_grad = inputs[-2:]
-    ctx.save_for_backward(grad_student, grad_teacher)
-    ctx.mark_non_differentiable(grad_student, grad_teacher)
+    save_grads_for_backward(ctx, [grad_student, grad_teacher])
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
@@ -174,8 +184,7 @@ def _hint_loss_setup_context(ctx, inputs, output):
     ctx.student_grad, ctx.teacher_grad = inputs[-2:]
     ctx.student_grads = len(grad_student)
     # Only the gradients are kept between forward and backward, never the features.
-    ctx.save_for_backward(*grad_student, *grad_teacher)
-    ctx.mark_non_differentiable(*grad_student, *grad_teacher)
+    save_grads_for_backward(ctx, [*grad_student, *grad_teacher])
 
 
 def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
@@ -189,6 +198,8 @@ def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
             "torch.ops.pykd.hint_loss with student_grad/teacher_grad set for the features that "
             "require grad (pykd.hint_loss does this)"
         )
+    if grad_loss is None:  # the loss is the only differentiable output: not expected
+        return None, None, None, None, None
     grads = scale_saved_grads(saved_grads(ctx, "hint_loss"), grad_loss)
 
     def masked(grads, needs):  # a list not asked for came back empty

@@ -1,4 +1,4 @@
-// CUDA implementations of pykd::hint_loss_fwd / hint_loss_bwd: a multi-tensor launch.
+// CUDA implementation of pykd::hint_loss: a multi-tensor launch, one pass.
 //
 // Every pair is cut into chunks of kChunk elements and each thread block handles one chunk of one
 // pair. The pairs' pointers, sizes, scales and first block numbers travel in a table passed by
@@ -7,10 +7,13 @@
 // more pairs take one launch per kMaxPairs. A block finds its pair by a binary search over the
 // first block numbers.
 //
-// Forward: each block writes its chunk's sum of squares times w_k / numel_k to a partial, and a
-// second small kernel adds the partials in a fixed order (in float64), so the loss is
-// deterministic and no atomics are used. Backward: one launch writes both gradients.
-// Chunks whose pointers are all 16-byte aligned use 16-byte vector loads and stores.
+// Each block reads its chunk of s and t once: it sums the squared differences and, when they are
+// asked for, writes the gradients 2 w_k / numel_k * (s - t) (and their negatives for the teacher)
+// from the same registers; the template flags compile the forward-only kernel without the
+// stores. Each block writes its chunk's sum times w_k / numel_k to a partial, and a second small
+// kernel adds the partials in a fixed order (in float64), so the loss is deterministic and no
+// atomics are used. Chunks whose pointers are all 16-byte aligned use 16-byte vector loads and
+// stores.
 #include "hint_loss.h"
 
 #include <ATen/Dispatch.h>
@@ -39,7 +42,7 @@ struct PairTable {
   void* grad_student[kMaxPairs];  // null when not asked for
   void* grad_teacher[kMaxPairs];
   int64_t numel[kMaxPairs];
-  double scale[kMaxPairs];             // w_k / numel_k (forward) or 2 w_k / numel_k (backward)
+  double scale[kMaxPairs];             // w_k / numel_k; the gradient's is exactly twice that
   int32_t first_block[kMaxPairs + 1];  // pair k has blocks [first_block[k], first_block[k + 1])
   bool aligned[kMaxPairs];             // all of the pair's pointers are 16-byte aligned
   int32_t pairs;
@@ -83,14 +86,18 @@ __device__ Span block_span(const PairTable& table) {
   return {lo, begin, end < table.numel[lo] ? end : table.numel[lo]};
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kStudent, bool kTeacher>
 __global__ void __launch_bounds__(Traits<scalar_t>::kThreads)
-    hint_forward_kernel(const PairTable table, acc_t* __restrict__ partials) {
+    hint_loss_kernel(const PairTable table, acc_t* __restrict__ partials) {
   using T = Traits<scalar_t>;
   using Vec = Pack<scalar_t, T::kVec>;
   const Span span = block_span<scalar_t>(table);
   const auto* s = static_cast<const scalar_t*>(table.student[span.pair]);
   const auto* t = static_cast<const scalar_t*>(table.teacher[span.pair]);
+  auto* grad_s = static_cast<scalar_t*>(table.grad_student[span.pair]);
+  auto* grad_t = static_cast<scalar_t*>(table.grad_teacher[span.pair]);
+  // 2 w_k / numel_k, as hint_grad_scale computes it on the CPU (doubling is exact).
+  const acc_t grad_scale = static_cast<acc_t>(2.0 * table.scale[span.pair]);
   acc_t sum = 0;
   int64_t scalar_begin = span.begin;
   if (table.aligned[span.pair]) {
@@ -98,10 +105,20 @@ __global__ void __launch_bounds__(Traits<scalar_t>::kThreads)
     for (int64_t i = span.begin + threadIdx.x * T::kVec; i < vec_end; i += T::kThreads * T::kVec) {
       const Vec vs = *reinterpret_cast<const Vec*>(s + i);
       const Vec vt = *reinterpret_cast<const Vec*>(t + i);
+      Vec gs, gt;  // only the ones asked for are stored
 #pragma unroll
       for (int j = 0; j < T::kVec; ++j) {
         const acc_t d = static_cast<acc_t>(vs.v[j]) - static_cast<acc_t>(vt.v[j]);
         sum += d * d;
+        const acc_t g = grad_scale * d;
+        gs.v[j] = static_cast<scalar_t>(g);
+        gt.v[j] = static_cast<scalar_t>(-g);
+      }
+      if constexpr (kStudent) {
+        *reinterpret_cast<Vec*>(grad_s + i) = gs;
+      }
+      if constexpr (kTeacher) {
+        *reinterpret_cast<Vec*>(grad_t + i) = gt;
       }
     }
     scalar_begin = vec_end;
@@ -109,6 +126,12 @@ __global__ void __launch_bounds__(Traits<scalar_t>::kThreads)
   for (int64_t i = scalar_begin + threadIdx.x; i < span.end; i += T::kThreads) {
     const acc_t d = static_cast<acc_t>(s[i]) - static_cast<acc_t>(t[i]);
     sum += d * d;
+    if constexpr (kStudent) {
+      grad_s[i] = static_cast<scalar_t>(grad_scale * d);
+    }
+    if constexpr (kTeacher) {
+      grad_t[i] = static_cast<scalar_t>(-(grad_scale * d));
+    }
   }
   using BlockReduce = cub::BlockReduce<acc_t, T::kThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
@@ -131,50 +154,6 @@ __global__ void __launch_bounds__(1024)
   sum = BlockReduce(temp).Sum(sum);
   if (threadIdx.x == 0) {
     *loss = static_cast<acc_t>(sum + bias);
-  }
-}
-
-template <typename scalar_t, typename acc_t, bool kStudent, bool kTeacher>
-__global__ void __launch_bounds__(Traits<scalar_t>::kThreads)
-    hint_backward_kernel(const PairTable table, const acc_t* __restrict__ grad_loss) {
-  using T = Traits<scalar_t>;
-  using Vec = Pack<scalar_t, T::kVec>;
-  const Span span = block_span<scalar_t>(table);
-  const auto* s = static_cast<const scalar_t*>(table.student[span.pair]);
-  const auto* t = static_cast<const scalar_t*>(table.teacher[span.pair]);
-  auto* grad_s = static_cast<scalar_t*>(table.grad_student[span.pair]);
-  auto* grad_t = static_cast<scalar_t*>(table.grad_teacher[span.pair]);
-  const acc_t scale = *grad_loss * static_cast<acc_t>(table.scale[span.pair]);
-  int64_t scalar_begin = span.begin;
-  if (table.aligned[span.pair]) {
-    const int64_t vec_end = span.begin + (span.end - span.begin) / T::kVec * T::kVec;
-    for (int64_t i = span.begin + threadIdx.x * T::kVec; i < vec_end; i += T::kThreads * T::kVec) {
-      const Vec vs = *reinterpret_cast<const Vec*>(s + i);
-      const Vec vt = *reinterpret_cast<const Vec*>(t + i);
-      Vec gs, gt;  // only the ones asked for are stored
-#pragma unroll
-      for (int j = 0; j < T::kVec; ++j) {
-        const acc_t d = scale * (static_cast<acc_t>(vs.v[j]) - static_cast<acc_t>(vt.v[j]));
-        gs.v[j] = static_cast<scalar_t>(d);
-        gt.v[j] = static_cast<scalar_t>(-d);
-      }
-      if constexpr (kStudent) {
-        *reinterpret_cast<Vec*>(grad_s + i) = gs;
-      }
-      if constexpr (kTeacher) {
-        *reinterpret_cast<Vec*>(grad_t + i) = gt;
-      }
-    }
-    scalar_begin = vec_end;
-  }
-  for (int64_t i = scalar_begin + threadIdx.x; i < span.end; i += T::kThreads) {
-    const acc_t d = scale * (static_cast<acc_t>(s[i]) - static_cast<acc_t>(t[i]));
-    if constexpr (kStudent) {
-      grad_s[i] = static_cast<scalar_t>(d);
-    }
-    if constexpr (kTeacher) {
-      grad_t[i] = static_cast<scalar_t>(-d);
-    }
   }
 }
 
@@ -236,16 +215,19 @@ dim3 grid(const Launch& launch) {
   return dim3(static_cast<unsigned int>(launch.blocks));
 }
 
-at::Tensor hint_loss_fwd_cuda(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hint_loss_cuda(
     at::TensorList student_features,
     at::TensorList teacher_features,
-    at::ArrayRef<double> weights) {
-  check_hint_features("hint_loss_fwd", student_features, teacher_features, weights);
+    at::ArrayRef<double> weights,
+    bool student_grad,
+    bool teacher_grad) {
+  check_hint_features("hint_loss", student_features, teacher_features, weights);  // before the guard
   const at::Tensor& first = student_features[0];
   const c10::cuda::CUDAGuard guard(first.device());
   const auto acc_dtype = at::toOpMathType(first.scalar_type());
   at::Tensor loss = at::empty({}, first.options().dtype(acc_dtype));
-  const std::vector<HintPair> pairs = hint_pairs(student_features, teacher_features, false, false);
+  std::vector<HintPair> pairs =
+      hint_pairs(student_features, teacher_features, student_grad, teacher_grad);
   std::vector<double> scales;
   double bias = 0;  // an empty pair contributes w * 0 / 0 = NaN, as on the CPU
   for (size_t k = 0; k < pairs.size(); ++k) {
@@ -256,70 +238,40 @@ at::Tensor hint_loss_fwd_cuda(
     }
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "hint_loss_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "hint_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using T = Traits<scalar_t>;
     const std::vector<Launch> launches = plan_launches(pairs, scales, T::kChunk);
     const int64_t blocks = launches.empty() ? 0 : launches.back().first_block + launches.back().blocks;
     at::Tensor partials = at::empty({blocks}, first.options().dtype(acc_dtype));
     for (const Launch& launch : launches) {
-      hint_forward_kernel<scalar_t, acc_t><<<grid(launch), T::kThreads, 0, stream>>>(
-          launch.table, partials.mutable_data_ptr<acc_t>() + launch.first_block);
+      acc_t* out = partials.mutable_data_ptr<acc_t>() + launch.first_block;
+      if (student_grad && teacher_grad) {
+        hint_loss_kernel<scalar_t, acc_t, true, true>
+            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, out);
+      } else if (student_grad) {
+        hint_loss_kernel<scalar_t, acc_t, true, false>
+            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, out);
+      } else if (teacher_grad) {
+        hint_loss_kernel<scalar_t, acc_t, false, true>
+            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, out);
+      } else {
+        hint_loss_kernel<scalar_t, acc_t, false, false>
+            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, out);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     hint_sum_kernel<acc_t><<<1, 1024, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), blocks, bias, loss.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return loss;
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> hint_loss_bwd_cuda(
-    const at::Tensor& grad_loss,
-    at::TensorList student_features,
-    at::TensorList teacher_features,
-    at::ArrayRef<double> weights,
-    bool student_grad,
-    bool teacher_grad) {
-  check_hint_features("hint_loss_bwd", student_features, teacher_features, weights);
-  const at::Tensor& first = student_features[0];
-  check_hint_grad(grad_loss, first);
-  const c10::cuda::CUDAGuard guard(first.device());
-  std::vector<HintPair> pairs =
-      hint_pairs(student_features, teacher_features, student_grad, teacher_grad);
-  if (!(student_grad || teacher_grad)) {
-    return hint_gradients(pairs);
-  }
-  std::vector<double> scales;
-  for (size_t k = 0; k < pairs.size(); ++k) {
-    scales.push_back(hint_grad_scale(1.0, weights[k], pairs[k].numel()));  // times grad_loss
-  }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, first.scalar_type(), "hint_loss_bwd", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using T = Traits<scalar_t>;
-    const acc_t* grad = grad_loss.const_data_ptr<acc_t>();
-    for (const Launch& launch : plan_launches(pairs, scales, T::kChunk)) {
-      if (student_grad && teacher_grad) {
-        hint_backward_kernel<scalar_t, acc_t, true, true>
-            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, grad);
-      } else if (student_grad) {
-        hint_backward_kernel<scalar_t, acc_t, true, false>
-            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, grad);
-      } else {
-        hint_backward_kernel<scalar_t, acc_t, false, true>
-            <<<grid(launch), T::kThreads, 0, stream>>>(launch.table, grad);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return hint_gradients(pairs);
+  auto [grad_student, grad_teacher] = hint_gradients(pairs);
+  return {loss, std::move(grad_student), std::move(grad_teacher)};
 }
 
 }  // namespace
 }  // namespace pykd::cuda
 
 TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
-  m.impl("hint_loss_fwd", &pykd::cuda::hint_loss_fwd_cuda);
-  m.impl("hint_loss_bwd", &pykd::cuda::hint_loss_bwd_cuda);
+  m.impl("hint_loss", &pykd::cuda::hint_loss_cuda);
 }
