@@ -4,7 +4,8 @@
 // class, or one lane per row for short rows); the CUDA kernels with a policy over float/double
 // (one thread's element). A policy M provides:
 //   using V = ...;                           the arithmetic type
-//   static V where_positive(V x, V value);   value where x > 0, else 0   (0 * log 0 = 0)
+//   static V unless_zero(V x, V value);      0 where x == 0, else value (0 * log 0 = 0; a NaN
+//                                            probability stays NaN)
 //   static V log(V x);
 // and V supports + - * with V and construction from a scalar.
 //
@@ -48,7 +49,7 @@ struct ForwardKL {
   static constexpr bool kTeacherDirect = false;  // d/dt' = p_t * (log_ratio - KL)
   template <typename M, typename V>
   PYKD_HOST_DEVICE DivergenceTerms<V> terms(const ClassTerms<V>& c) const {
-    const V value = M::where_positive(c.p_t, c.p_t * c.log_ratio);
+    const V value = M::unless_zero(c.p_t, c.p_t * c.log_ratio);
     return {value, c.p_s - c.p_t, value};
   }
 };
@@ -59,7 +60,7 @@ struct ReverseKL {
   static constexpr bool kTeacherDirect = true;   // d/dt' = p_t - p_s
   template <typename M, typename V>
   PYKD_HOST_DEVICE DivergenceTerms<V> terms(const ClassTerms<V>& c) const {
-    const V value = M::where_positive(c.p_s, V(0) - c.p_s * c.log_ratio);
+    const V value = M::unless_zero(c.p_s, V(0) - c.p_s * c.log_ratio);
     return {value, value, c.p_t - c.p_s};
   }
 };
@@ -77,8 +78,8 @@ struct JensenShannon {
   PYKD_HOST_DEVICE DivergenceTerms<V> terms(const ClassTerms<V>& c) const {
     const V b(beta), one_minus_b(acc_t(1) - beta);
     const V log_m = M::log(b * c.p_t + one_minus_b * c.p_s);
-    const V teacher = M::where_positive(c.p_t, b * c.p_t * (c.log_p_t - log_m));
-    const V student = M::where_positive(c.p_s, one_minus_b * c.p_s * (c.log_p_s - log_m));
+    const V teacher = M::unless_zero(c.p_t, b * c.p_t * (c.log_p_t - log_m));
+    const V student = M::unless_zero(c.p_s, one_minus_b * c.p_s * (c.log_p_s - log_m));
     return {teacher + student, student, teacher};
   }
 };

@@ -3,7 +3,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -16,13 +15,10 @@ def _check_tensor(name, value):
         raise TypeError(f"kd_loss: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(
-            f"kd_loss: temperature must be a Python number, got {type(temperature).__name__}"
-        )
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"kd_loss: temperature must be a finite number > 0, got {temperature}")
+def _check_number(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a Python number, got {type(value).__name__}")
+    return float(value)
 
 
 def _check_reduction(reduction):
@@ -30,89 +26,94 @@ def _check_reduction(reduction):
         raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
-    """Hinton's distillation loss: T^2 * KL(softmax(teacher/T) || softmax(student/T)).
-
-    The last dimension holds the classes; every leading dimension is a row. With the default
-    ``reduction="batchmean"`` the sum of the per-row KL is divided by the number of rows (for
-    ``[B, C]`` logits that is B, as in ``F.kl_div(..., reduction="batchmean")`` and the PyTorch
-    tutorial; for ``[B, L, V]`` it is B * L). ``"sum"`` returns the plain sum and ``"none"`` the
-    per-row values with the leading shape. An empty batch gives NaN under ``"batchmean"`` (0 / 0),
-    as PyTorch's own mean reductions do.
-
-    Softmaxes, KL and gradients are computed by one fused kernel without materialising any
-    probabilities. Gradients flow to the student and, when it requires grad, to the teacher.
-    Logits of different floating dtypes are promoted to a common one; the result has that dtype.
-    """
+def _fused_loss(student_logits, teacher_logits, labels, temperature, beta, soft_weight,
+                hard_weight, ignore_index, reduction):
     _check_tensor("student_logits", student_logits)
     _check_tensor("teacher_logits", teacher_logits)
-    _check_temperature(temperature)
-    _check_reduction(reduction)
-    if (
-        student_logits.dtype != teacher_logits.dtype
-        and student_logits.is_floating_point()
-        and teacher_logits.is_floating_point()
-    ):
-        dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-        student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
+    if labels is not None:
+        _check_tensor("labels", labels)
+    grad = torch.is_grad_enabled()
+    return ops.kd_loss(
+        student_logits, teacher_logits, labels, temperature, beta, soft_weight, hard_weight,
+        ignore_index, reduction, grad and student_logits.requires_grad,
+        grad and teacher_logits.requires_grad,
+    )[0]
 
-    temperature = float(temperature)
-    kl = ops.kd_loss_fwd(student_logits, teacher_logits, temperature)[0]
-    scale = temperature * temperature
-    if reduction == "none":
-        loss = kl * scale
-    elif reduction == "sum":
-        loss = kl.sum() * scale
-    else:
-        loss = kl.sum().mul(scale).div(kl.numel())
-    return loss.to(student_logits.dtype)
+
+def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", *,
+            beta=0.0, labels=None, ignore_index=-100):
+    """Hinton's distillation loss and its family: T^2 * D_beta(softmax(teacher/T), softmax(student/T)).
+
+    ``beta`` selects the divergence: 0 (the default) KL(p_t || p_s), Hinton's loss; 1 the
+    reverse KL(p_s || p_t); in between the generalized Jensen-Shannon divergence
+    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``
+    (the convention of TRL's GKD and Liger-Kernel's JSD).
+
+    The last dimension holds the classes; every leading dimension is a row (``[B, C]`` or
+    ``[B, L, V]``). ``labels`` (integers of the leading shape) mask rows: a row whose label is
+    ``ignore_index`` adds nothing and gets zero gradients. ``reduction="batchmean"`` divides the
+    sum over rows by the number of valid rows (all rows without labels; for ``[B, C]`` logits that
+    is B, as ``F.kl_div(..., reduction="batchmean")``); no valid row (or no row) gives 0.
+    ``"sum"`` is the plain sum, ``"none"`` the per-row values (0 for masked rows).
+
+    One fused kernel reads each logits tensor once and, when an input requires grad, writes its
+    gradient in the same pass; autograd keeps only that gradient (never the logits) and scales it
+    by the upstream gradient. Gradients flow to the student and, when it requires grad, to the
+    teacher. The two logits may be any mix of float16/bfloat16/float32 (or both float64): each is
+    read as it is, the arithmetic is float32 (float64 for float64), each gradient has its own
+    input's dtype, and the loss has ``torch.promote_types`` of the two.
+    """
+    return _fused_loss(
+        student_logits, teacher_logits, labels, _check_number("kd_loss", "temperature", temperature),
+        _check_number("kd_loss", "beta", beta), 1.0, 0.0, ignore_index, reduction,
+    )
 
 
 class KDLoss(nn.Module):
-    """Soft-target distillation plus hard-label cross-entropy, as in the PyTorch tutorial:
+    """Soft-target distillation plus hard-label cross-entropy, fused in one kernel:
 
-        loss = soft_weight * kd_loss(student, teacher, temperature)
-             + hard_weight * cross_entropy(student, labels, ignore_index=ignore_index)
+        loss = soft_weight * kd_loss(student, teacher, temperature, beta=beta)
+             + hard_weight * cross_entropy(student, labels)
 
-    Both weights are explicit (no ``alpha`` whose meaning differs between papers). The soft term
-    is the batch mean of T^2 * KL; the hard term is the mean over labels that are not
-    ``ignore_index``. ``labels`` are needed only when ``hard_weight`` is not 0.
+    the cross-entropy on the unscaled student logits, as in the PyTorch tutorial. Both weights are
+    explicit (no ``alpha`` whose meaning differs between papers). ``labels`` (needed when
+    ``hard_weight`` is not 0) also mask the soft term: rows whose label is ``ignore_index`` add
+    nothing to either term, and ``"batchmean"`` divides both by the number of valid rows, as
+    ``F.cross_entropy``'s mean does. The student row is read once for both terms (its log-sum-exps
+    at T and at 1), and loss and gradient come from the same kernel.
     """
 
-    def __init__(self, temperature=1.0, soft_weight=1.0, hard_weight=0.0, ignore_index=-100):
+    def __init__(self, temperature=4.0, soft_weight=0.5, hard_weight=0.5, ignore_index=-100,
+                 beta=0.0, reduction="batchmean"):
         super().__init__()
-        _check_temperature(temperature)
-        for name, weight in (("soft_weight", soft_weight), ("hard_weight", hard_weight)):
-            if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-                raise TypeError(f"KDLoss: {name} must be a number, got {type(weight).__name__}")
+        self.temperature = _check_number("KDLoss", "temperature", temperature)
+        self.soft_weight = _check_number("KDLoss", "soft_weight", soft_weight)
+        self.hard_weight = _check_number("KDLoss", "hard_weight", hard_weight)
+        self.beta = _check_number("KDLoss", "beta", beta)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"KDLoss: temperature must be a finite number > 0, got {temperature}")
+        for name, weight in (("soft_weight", self.soft_weight), ("hard_weight", self.hard_weight)):
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"KDLoss: {name} must be a finite number >= 0, got {weight}")
-        self.temperature = float(temperature)
-        self.soft_weight = float(soft_weight)
-        self.hard_weight = float(hard_weight)
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"KDLoss: beta must be a number in [0, 1], got {beta}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"KDLoss: ignore_index must be an integer, got {ignore_index!r}")
+        _check_reduction(reduction)
         self.ignore_index = int(ignore_index)
+        self.reduction = reduction
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        loss = self.soft_weight * kd_loss(student_logits, teacher_logits, self.temperature)
-        if self.hard_weight == 0:
-            return loss
-        if labels is None:
+        if self.hard_weight != 0 and labels is None:
             raise ValueError("KDLoss: labels are required when hard_weight is not 0")
-        _check_tensor("labels", labels)
-        if labels.shape != student_logits.shape[:-1]:
-            raise ValueError(
-                "KDLoss: labels must have the student_logits' shape without the class "
-                f"dimension, {tuple(student_logits.shape[:-1])}, got {tuple(labels.shape)}"
-            )
-        hard = F.cross_entropy(
-            student_logits.reshape(-1, student_logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=self.ignore_index,
+        return _fused_loss(
+            student_logits, teacher_logits, labels, self.temperature, self.beta,
+            self.soft_weight, self.hard_weight, self.ignore_index, self.reduction,
         )
-        return loss + self.hard_weight * hard
 
     def extra_repr(self):
         return (
             f"temperature={self.temperature}, soft_weight={self.soft_weight}, "
-            f"hard_weight={self.hard_weight}, ignore_index={self.ignore_index}"
+            f"hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
+            f"beta={self.beta}, reduction={self.reduction!r}"
         )

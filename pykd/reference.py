@@ -3,24 +3,46 @@ import torch
 import torch.nn.functional as F
 
 
-def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean"):
-    """SPEC section 1 term by term, in float64, returned in the logits' dtype.
+def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmean", *,
+            beta=0.0, labels=None, ignore_index=-100, soft_weight=1.0, hard_weight=0.0):
+    """SPEC section 1 term by term, in float64 (differentiable), returned in the promoted dtype.
 
-    log_softmax keeps -inf logits exact; where the teacher gives a class no mass the term is 0.
+    Row loss = soft_weight * T^2 * D_beta + hard_weight * cross_entropy(student, labels); rows
+    whose label is ignore_index give 0; "batchmean" divides by the number of valid rows (1 if
+    none). log_softmax keeps -inf logits exact; a class of probability 0 adds 0 (0 * log 0 = 0).
     """
-    dtype = student_logits.dtype
-    s = student_logits.double() / temperature
-    t = teacher_logits.double() / temperature
-    log_ps, log_pt = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    pt = log_pt.exp()
-    # Masking the log-ratio (not the product) keeps the gradient free of 0 * inf as well.
-    log_ratio = torch.where(pt > 0, log_pt - log_ps, torch.zeros_like(pt))
-    kl_rows = (pt * log_ratio).sum(-1)
-    loss = kl_rows * temperature**2
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "batchmean":
-        loss = loss.sum() / kl_rows.numel()
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    s = student_logits.double()
+    t = teacher_logits.double()
+    log_ps, log_pt = F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+    ps, pt = log_ps.exp(), log_pt.exp()
+
+    def kl(p, log_p, log_q):  # sum p (log p - log q), masking the log-ratio where p = 0
+        zero = torch.zeros_like(p)
+        return (p * torch.where(p > 0, log_p - log_q, zero)).sum(-1)
+
+    if beta == 0:
+        divergence = kl(pt, log_pt, log_ps)
+    elif beta == 1:
+        divergence = kl(ps, log_ps, log_pt)
+    else:
+        log_m = torch.log(beta * pt + (1 - beta) * ps)
+        divergence = beta * kl(pt, log_pt, log_m) + (1 - beta) * kl(ps, log_ps, log_m)
+    rows = soft_weight * temperature**2 * divergence
+    if hard_weight != 0:
+        safe = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
+        ce = torch.logsumexp(s, -1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        rows = rows + hard_weight * ce
+    valid = None if labels is None else labels != ignore_index
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        count = rows.numel() if valid is None else valid.sum()
+        loss = rows.sum() / max(count, 1) if valid is None else rows.sum() / valid.sum().clamp(min=1)
     return loss.to(dtype)
 
 

@@ -150,19 +150,26 @@ def test_gradcheck(device, classes):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(device, dtype):
-    student = logits((5, 129), dtype, device, seed=15).requires_grad_()
-    teacher = logits((5, 129), dtype, device, seed=16).requires_grad_()
-    torch.library.opcheck(torch.ops.pykd.kd_loss_fwd.default, (student, teacher, 2.0))
-    with torch.no_grad():  # as autograd calls the backward op
-        kl, lse_s, lse_t = torch.ops.pykd.kd_loss_fwd(student, teacher, 2.0)
-    for wanted in [(True, False), (False, True), (True, True)]:
-        torch.library.opcheck(
-            torch.ops.pykd.kd_loss_bwd.default,
-            (torch.rand_like(kl), student.detach(), teacher.detach(), lse_s, lse_t, kl, 2.0,
-             *wanted),
-        )
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 2, (torch.bfloat16, torch.float32),
+                                    (torch.float64,) * 2])
+@pytest.mark.parametrize("classes", [7, 129])
+def test_opcheck(device, dtypes, classes):
+    student = logits((5, classes), dtypes[0], device, seed=15).requires_grad_()
+    teacher = logits((5, classes), dtypes[1], device, seed=16).requires_grad_()
+    labels = torch.tensor([1, -100, 3, 0, 2], device=device)
+    for beta, soft, hard, lab, reduction in [
+        (0.0, 1.0, 0.0, None, "batchmean"),
+        (1.0, 1.0, 0.0, labels, "none"),
+        (0.3, 0.5, 0.5, labels, "sum"),
+        (0.0, 0.25, 0.75, labels, "batchmean"),
+    ]:
+        for wanted in [(True, False), (False, True), (True, True), (False, False)]:
+            s = student.detach().requires_grad_(wanted[0])
+            t = teacher.detach().requires_grad_(wanted[1])
+            torch.library.opcheck(
+                torch.ops.pykd.kd_loss.default,
+                (s, t, lab, 2.0, beta, soft, hard, -100, reduction, *wanted),
+            )
 
 
 def test_second_derivatives_raise():
@@ -217,7 +224,7 @@ def test_empty_batch_and_nan_logits_do_not_crash():
     assert pykd.kd_loss(empty, torch.empty(0, 10), reduction="none").shape == (0,)
     assert pykd.kd_loss(empty, torch.empty(0, 10), reduction="sum") == 0
     loss = pykd.kd_loss(empty, torch.empty(0, 10))
-    assert torch.isnan(loss)  # batchmean over no rows is 0 / 0, as in F.kl_div
+    assert loss == 0  # batchmean over no (valid) row is 0, never NaN
     loss.backward()
     assert empty.grad.shape == (0, 10)
 
@@ -254,15 +261,28 @@ def test_bad_input(student, teacher, kwargs, error, message):
         pykd.kd_loss(student, teacher, **kwargs)
 
 
-def test_ops_check_their_arguments():
+def test_op_checks_its_arguments():
     s, t = torch.zeros(4, 10), torch.zeros(4, 10)
-    kl, lse_s, lse_t = torch.ops.pykd.kd_loss_fwd(s, t, 1.0)
-    with pytest.raises(ValueError, match="grad_kl"):
-        torch.ops.pykd.kd_loss_bwd(torch.ones(3), s, t, lse_s, lse_t, kl, 1.0, True, False)
-    with pytest.raises(ValueError, match="student_lse"):
-        torch.ops.pykd.kd_loss_bwd(kl, s, t, lse_s.double(), lse_t, kl, 1.0, True, False)
+
+    def op(**changes):
+        args = dict(labels=None, temperature=1.0, beta=0.0, soft_weight=1.0, hard_weight=0.0,
+                    ignore_index=-100, reduction="batchmean", student_grad=True,
+                    teacher_grad=False)
+        args.update(changes)
+        return torch.ops.pykd.kd_loss(s, t, *args.values())
+
     with pytest.raises(ValueError, match="temperature"):
-        torch.ops.pykd.kd_loss_fwd(s, t, -2.0)
+        op(temperature=-2.0)
+    with pytest.raises(ValueError, match="beta must be a number in"):
+        op(beta=1.5)
+    with pytest.raises(ValueError, match="soft_weight"):
+        op(soft_weight=-1.0)
+    with pytest.raises(ValueError, match="hard_weight"):
+        op(hard_weight=math.inf, labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels are required"):
+        op(hard_weight=1.0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        op(reduction="mean")
 
 
 def test_portable_cpu_kernel_matches_reference():
@@ -310,7 +330,7 @@ class TestKDLoss:
         student = logits((4, 10), torch.float32, "cpu")
         teacher = logits((4, 10), torch.float32, "cpu", seed=1)
         torch.testing.assert_close(
-            pykd.KDLoss(temperature=3.0, soft_weight=2.0)(student, teacher),
+            pykd.KDLoss(temperature=3.0, soft_weight=2.0, hard_weight=0.0)(student, teacher),
             2.0 * pykd.kd_loss(student, teacher, 3.0),
         )
 
@@ -334,3 +354,183 @@ class TestKDLoss:
             module(student, teacher)
         with pytest.raises(ValueError, match="labels must have"):
             module(student, teacher, torch.zeros(5, dtype=torch.long))
+
+
+# The family: divergences, token masks, the fused hard-label term, mixed dtypes.
+BETAS = [0.0, 0.1, 0.5, 1.0]
+
+
+def token_labels(shape, classes, device, masked_every=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, shape, generator=gen)
+    labels.view(-1)[::masked_every] = -100
+    return labels.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("classes", [1, 10, 33, 3000, 4099])
+@pytest.mark.parametrize("masked", [False, True])
+def test_divergences_and_masks_match_reference(device, dtype, beta, classes, masked):
+    student = logits((3, 7, classes), dtype, device, scale=3.0, seed=31)
+    teacher = logits((3, 7, classes), dtype, device, scale=3.0, seed=32)
+    labels = token_labels((3, 7), classes, device) if masked else None
+    for reduction in ("batchmean", "none"):
+        loss, gs, gt = check_against_reference(
+            student, teacher, 2.0, beta=beta, labels=labels, reduction=reduction
+        )
+        if masked:
+            rows = labels == -100
+            assert (gs[rows] == 0).all() and (gt[rows] == 0).all()
+            if reduction == "none":
+                assert (loss[rows] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_one_class_is_exactly_zero(device, beta):
+    student = logits((9, 1), torch.float32, device, scale=100.0, seed=33).requires_grad_()
+    teacher = logits((9, 1), torch.float32, device, scale=100.0, seed=34).requires_grad_()
+    loss = pykd.KDLoss(3.0, 0.5, 0.5, beta=beta, reduction="none")(
+        student, teacher, torch.zeros(9, dtype=torch.long, device=device)
+    )
+    loss.sum().backward()
+    assert (loss == 0).all() and (student.grad == 0).all() and (teacher.grad == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchmean_divides_by_valid_rows_and_all_masked_is_zero(device):
+    student = logits((6, 50), torch.float32, device, seed=35).requires_grad_()
+    teacher = logits((6, 50), torch.float32, device, seed=36)
+    labels = torch.tensor([3, -100, 4, -100, -100, 7], device=device)
+    valid = labels != -100
+    loss = pykd.kd_loss(student, teacher, 2.0, labels=labels)
+    torch.testing.assert_close(loss, pykd.kd_loss(student[valid], teacher[valid], 2.0))
+    everything_masked = torch.full_like(labels, -100)
+    for beta in BETAS:
+        loss = pykd.KDLoss(2.0, 0.5, 0.5, beta=beta)(student, teacher, everything_masked)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert loss == 0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float64,) * 2, (torch.float32,) * 2,
+                                    (torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                    (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("classes", [10, 3000])
+def test_fused_hard_label_loss(device, dtypes, beta, temperature, classes):
+    student = logits((4, 6, classes), dtypes[0], device, scale=2.0, seed=37)
+    teacher = logits((4, 6, classes), dtypes[1], device, scale=2.0, seed=38)
+    labels = token_labels((4, 6), classes, device, masked_every=3, seed=2)
+    module = pykd.KDLoss(temperature, soft_weight=0.3, hard_weight=0.7, beta=beta)
+    s = student.detach().clone().requires_grad_()
+    t = teacher.detach().clone().requires_grad_()
+    loss = module(s, t, labels)
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    t64 = teacher.double().requires_grad_()
+    expected = reference.kd_loss(s64, t64, temperature, beta=beta, labels=labels,
+                                 soft_weight=0.3, hard_weight=0.7)
+    expected.backward()
+    assert loss.dtype == torch.promote_types(*dtypes)
+    assert s.grad.dtype == dtypes[0] and t.grad.dtype == dtypes[1]
+    worst = min(dtypes, key=lambda d: torch.finfo(d).eps * -1)
+    assert_close(loss, expected, worst, scale=expected.abs().item())
+    assert_close(s.grad, s64.grad, dtypes[0], scale=s64.grad.abs().max().item())
+    assert_close(t.grad, t64.grad, dtypes[1], scale=t64.grad.abs().max().item())
+    if dtypes[0] == torch.float32 and beta == 0:  # the hard term is F.cross_entropy's mean
+        valid = labels != -100
+        hard = F.cross_entropy(student[valid].float(), labels[valid])
+        soft = pykd.kd_loss(student, teacher, temperature, labels=labels)
+        torch.testing.assert_close(loss, (0.3 * soft + 0.7 * hard).to(loss.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("classes", [3, 40, 2500])
+def test_gradcheck_every_divergence_with_masks_and_hard_labels(device, beta, classes):
+    student = logits((5, classes), torch.float64, device, seed=39).requires_grad_()
+    teacher = logits((5, classes), torch.float64, device, seed=40).requires_grad_()
+    labels = torch.tensor([0, -100, 1, 2, -100], device=device)
+    for soft, hard, lab in [(1.0, 0.0, None), (1.0, 0.0, labels), (0.4, 0.6, labels)]:
+        for reduction in ("batchmean", "none"):
+            module = pykd.KDLoss(1.7, soft, hard, beta=beta, reduction=reduction)
+            # Rows of several blocks: a random projection of the Jacobian (fast_mode) keeps it short.
+            assert torch.autograd.gradcheck(
+                lambda s, t: module(s, t, lab), (student, teacher), fast_mode=classes > 100
+            )
+
+
+def test_labels_are_checked():
+    s, t = torch.zeros(4, 10), torch.zeros(4, 10)
+    with pytest.raises(ValueError, match="labels must have the logits' shape"):
+        pykd.kd_loss(s, t, labels=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        pykd.kd_loss(s, t, labels=torch.zeros(4))
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        pykd.kd_loss(s, t, labels=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+        pykd.KDLoss()(s, t, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="beta must be a number in"):
+        pykd.kd_loss(s, t, beta=-0.1)
+    with pytest.raises(ValueError, match="beta must be a number in"):
+        pykd.KDLoss(beta=2)
+    # Without a hard term, labels only mask: any value but ignore_index is a valid row.
+    assert torch.isfinite(pykd.kd_loss(s, t, labels=torch.tensor([0, 99, -5, -100])))
+
+
+def test_int32_labels_and_custom_ignore_index():
+    student, teacher = logits((6, 12), torch.float32, "cpu", seed=41), logits((6, 12), torch.float32, "cpu", seed=42)
+    labels = torch.tensor([1, -1, 2, 3, -1, 0], dtype=torch.int32)
+    valid = labels != -1
+    torch.testing.assert_close(
+        pykd.KDLoss(2.0, 0.5, 0.5, ignore_index=-1)(student, teacher, labels),
+        pykd.KDLoss(2.0, 0.5, 0.5)(student[valid], teacher[valid], labels[valid].long()),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_with_labels(device):
+    torch._dynamo.reset()
+    module = pykd.KDLoss(4.0, 0.5, 0.5, beta=0.5)
+    compiled = torch.compile(module, fullgraph=True)
+    student = logits((4, 16, 300), torch.float32, device, seed=43).requires_grad_()
+    teacher = logits((4, 16, 300), torch.bfloat16, device, seed=44)
+    labels = token_labels((4, 16), 300, device)
+    loss = compiled(student, teacher, labels)
+    (grad,) = torch.autograd.grad(loss * 3, student)
+    expected = module(student, teacher, labels)
+    (expected_grad,) = torch.autograd.grad(expected * 3, student)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_autograd_keeps_only_the_gradient():
+    """Between forward and backward autograd holds the student gradient, never the logits."""
+    student = logits((64, 1000), torch.float32, "cpu", seed=45).requires_grad_()
+    teacher = logits((64, 1000), torch.float32, "cpu", seed=46)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = pykd.KDLoss(4.0, 0.5, 0.5)(student, teacher, torch.zeros(64, dtype=torch.long))
+    kept = sum(x.numel() * x.element_size() for x in saved)
+    assert kept <= 1.25 * student.numel() * student.element_size()
+    assert all(x.data_ptr() not in (student.data_ptr(), teacher.data_ptr()) for x in saved)
+    loss.backward()
+    assert student.grad.shape == student.shape
+
+
+def test_second_backward_through_the_same_graph_fails_loudly():
+    student = logits((4, 10), torch.float32, "cpu", seed=47).requires_grad_()
+    loss = pykd.kd_loss(student, logits((4, 10), torch.float32, "cpu", seed=48))
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    first = student.grad.clone()
+    student.grad = None
+    try:
+        loss.backward(torch.tensor(2.0))
+    except RuntimeError as error:  # the kept gradient was scaled in place by the first backward
+        assert "modified by an inplace operation" in str(error) or "second" in str(error)
+    else:  # or it was not modified at all, and the second backward is right
+        torch.testing.assert_close(student.grad, first)

@@ -1,4 +1,4 @@
-// The CPU KD-loss kernels, compiled once per CPU capability (kd_loss_default.cpp and
+// The CPU KD-loss kernel, compiled once per CPU capability (kd_loss_default.cpp and
 // kd_loss_avx2.cpp include kd_loss_kernel.h) and chosen at run time in kd_loss_cpu.cpp.
 #pragma once
 
@@ -9,32 +9,26 @@
 namespace pykd::cpu {
 
 // Rows of `cols` logits; row r of the student starts at student + r * student_stride (elements).
-// Row statistics are of the accumulation type (double for double logits, float otherwise).
-struct KdForwardArgs {
-  c10::ScalarType dtype;
+// Gradients are contiguous [rows, cols] in their logits' dtype, or null when not wanted. row_loss
+// receives each row's loss (soft_weight * T^2 * divergence + hard_weight * cross-entropy, 0 for a
+// masked row) in the accumulation type (double for double logits, float otherwise).
+struct KdKernelArgs {
+  c10::ScalarType student_dtype, teacher_dtype;
   const void* student;
   const void* teacher;
   int64_t rows, cols, student_stride, teacher_stride;
-  double inv_temperature;
-  void* kl;
-  void* student_lse;
-  void* teacher_lse;
-};
-
-// grad_kl[r * grad_stride] is the upstream gradient of row r's KL (stride 0 when broadcast).
-// grad_student / grad_teacher are contiguous [rows, cols] outputs, or null when not wanted.
-struct KdBackwardArgs {
-  KdForwardArgs fwd;  // the forward's inputs and row statistics
-  const void* grad_kl;
-  int64_t grad_stride;
+  const int64_t* labels;  // [rows], or null: every row valid
+  int64_t ignore_index;
+  double temperature, beta, soft_weight, hard_weight;
+  double inv_denominator;  // 1 / D: the gradients are those of sum(row_loss) / D
+  void* row_loss;
   void* grad_student;
   void* grad_teacher;
 };
 
-#define PYKD_DECLARE_KD_KERNELS(capability)           \
-  namespace capability {                              \
-  void kd_forward(const KdForwardArgs& args);         \
-  void kd_backward(const KdBackwardArgs& args);       \
+#define PYKD_DECLARE_KD_KERNELS(capability)   \
+  namespace capability {                      \
+  void kd_loss_rows(const KdKernelArgs& args); \
   }
 
 PYKD_DECLARE_KD_KERNELS(DEFAULT)

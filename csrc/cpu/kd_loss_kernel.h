@@ -1,22 +1,39 @@
-// The CPU KD-loss kernels. Included once per CPU capability (kd_loss_default.cpp,
-// kd_loss_avx2.cpp), each defining CPU_CAPABILITY, so that at::vec::Vectorized compiles to that
-// instruction set in its own namespace.
+// The CPU KD-loss kernel: loss and gradients in one pass. Included once per CPU capability
+// (kd_loss_default.cpp, kd_loss_avx2.cpp), each defining CPU_CAPABILITY, so that
+// at::vec::Vectorized compiles to that instruction set in its own namespace.
 //
-// Work per element: forward reads s and t once from memory (a row is walked in L1-sized blocks:
-// block maxima first, then two exponentials per element against the running maxima), backward
-// reads them once more and takes two exponentials to write the gradient(s).
+// The math of each divergence is csrc/divergence.h's; this file only decides how a row is walked.
+// A row is read from memory once, in blocks of kBlock classes that stay in L1:
+//   sweep 1, per block: block maxima, then es = exp(s/T - ref_b) and et = exp(t/T - ref_t,b),
+//            two exponentials per element, kept in a per-thread scratch (with the block's sums);
+//   then the row's log-sum-exps from the block sums (no element is touched);
+//   sweep 2, over the row again (from L1/L2: it was just read): the probabilities from the
+//            scratch (p = e * a per-block factor, no exponential), the divergence's terms, the
+//            loss, and the gradient, written straight away for a "direct" side;
+//   sweep 3, only for a side that is not direct (reverse KL's student, JSD, forward KL's
+//            teacher): subtracts prob * sum(w) from the gradient kept in the scratch.
+// The hard-label cross-entropy at T != 1 costs two more exponentials per element (its softmax
+// at T = 1). Rows of at most kMaxShortCols classes put one row per vector lane instead.
+//
+// Precision: log p = (x * (1/T) - ref) - log(sum), the first term one fused multiply-add relative
+// to the row's maximum, so that logits of any magnitude keep the accuracy of their differences;
+// the loss of a row is summed per block in vector lanes and across blocks in double.
 #include "cpu/kd_loss_cpu.h"
+#include "divergence.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace pykd::cpu {
 namespace CPU_CAPABILITY {
@@ -24,8 +41,9 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Logits are handled in steps of two accumulation-type vectors. Lanes past the end of a row read
-// as -inf, which carries no probability mass in either softmax.
+// Logits are loaded in steps of two accumulation-type vectors (kSize elements, the same for
+// float16, bfloat16 and float32, so that a student and a teacher of different dtypes step
+// together). Lanes past the end of a row read as -inf, which carries no mass in either softmax.
 template <typename scalar_t, typename = void>
 struct Step {
   using acc_t = scalar_t;
@@ -43,11 +61,12 @@ struct Step {
     b = n > na ? Vec::loadu(p + kWidth, n - na) : Vec(0);
     mask_tail(n, a, b);
   }
-  static void store(scalar_t* p, const Vec& a, const Vec& b) {
-    a.store(p);
-    b.store(p + kWidth);
-  }
-  static void store_partial(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
+  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
+    if (n >= kSize) {
+      a.store(p);
+      b.store(p + kWidth);
+      return;
+    }
     const int64_t na = std::min(n, kWidth);
     a.store(p, na);
     if (n > na) {
@@ -80,34 +99,30 @@ struct Step<
     std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p, n));
     Step<float>::mask_tail(n, a, b);
   }
-  static void store(scalar_t* p, const Vec& a, const Vec& b) {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p);
-  }
-  static void store_partial(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    at::vec::convert_from_float<scalar_t>(a, b).store(p, n);
+  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
+    const Raw raw = at::vec::convert_from_float<scalar_t>(a, b);
+    n >= kSize ? raw.store(p) : raw.store(p, n);
   }
 };
 
-// Calls body(s_vec, t_vec) on every vector of a pair of rows of length n (a partial last step
-// padded with -inf).
-template <typename S, typename scalar_t, typename Body>
-inline void for_each_vec(const scalar_t* s, const scalar_t* t, int64_t n, const Body& body) {
-  using Vec = typename S::Vec;
-  Vec s0, s1, t0, t1;
-  int64_t i = 0;
-  for (; i + S::kSize <= n; i += S::kSize) {
-    S::load(s + i, s0, s1);
-    S::load(t + i, t0, t1);
-    body(s0, t0);
-    body(s1, t1);
-  }
-  if (i < n) {
-    S::load_partial(s + i, n - i, s0, s1);
-    S::load_partial(t + i, n - i, t0, t1);
-    body(s0, t0);
-    body(s1, t1);
-  }
+template <typename scalar_t>
+void load_step(const scalar_t* p, int64_t n, typename Step<scalar_t>::Vec& a,
+               typename Step<scalar_t>::Vec& b) {
+  n >= Step<scalar_t>::kSize ? Step<scalar_t>::load(p, a, b)
+                             : Step<scalar_t>::load_partial(p, n, a, b);
 }
+
+// divergence.h's math policy over vectors.
+template <typename Vec>
+struct VecMath {
+  using V = Vec;
+  static V unless_zero(const V& x, const V& value) {
+    return V::blendv(value, V(0), x == V(0));
+  }
+  static V log(const V& x) {
+    return x.log();
+  }
+};
 
 template <typename acc_t>
 inline acc_t nan_max(acc_t a, acc_t b) {
@@ -126,147 +141,261 @@ inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
       [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return x + y; }, v);
 }
 
-// Exponentials are taken relative to the running maximum, or to 0 while every logit seen is -inf
-// (so that -inf - ref is -inf, never NaN). NaN and +inf pass through and poison the row.
+// Exponentials are taken relative to a maximum, or to 0 while that is -inf (so that -inf - ref
+// is -inf, never NaN). NaN and +inf pass through and poison the row.
 template <typename acc_t>
-inline acc_t exp_reference(acc_t running_max) {
-  return running_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : running_max;
+inline acc_t exp_reference(acc_t maximum) {
+  return maximum == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : maximum;
 }
 
-// Long rows are walked in blocks that stay in L1 between the max pass and the exp pass.
+template <typename Vec>
+inline Vec lane_exp_reference(const Vec& maximum) {
+  using acc_t = typename Vec::value_type;
+  return Vec::blendv(maximum, Vec(0), maximum == Vec(-std::numeric_limits<acc_t>::infinity()));
+}
+
+// What every row of a launch shares.
+template <typename acc_t>
+struct Launch {
+  acc_t inv_temp;
+  acc_t soft_scale;   // soft_weight * T^2: a row's divergence in its loss
+  acc_t grad_soft;    // soft_weight * T / D: d loss / d x' = grad_soft * T ... see kd_grad()
+  acc_t grad_hard;    // hard_weight / D
+  acc_t hard_weight;
+  bool hard;          // hard_weight > 0
+  bool unit_temperature;
+  bool student_grad, teacher_grad;
+};
+
+// Long rows are walked in blocks that stay in L1 between the max sweep and the exp sweep.
 constexpr int64_t kBlock = 2048;
 
-// One row: KL(p_t || p_s) and the two log-sum-exps, in a single read of each row from memory.
-//   es = exp(s/T - ref_s), et = exp(t/T - ref_t)
-//   KL = sum(et * ((t - s)/T - (ref_t - ref_s))) / sum(et) + log(sum(es) / sum(et))
-// which avoids the cancellation of lse_t - lse_s when the logits are large.
-template <typename scalar_t>
-void forward_row(
-    const scalar_t* s,
-    const scalar_t* t,
-    int64_t cols,
-    typename Step<scalar_t>::acc_t inv_temp,
-    typename Step<scalar_t>::acc_t* kl,
-    typename Step<scalar_t>::acc_t* lse_s,
-    typename Step<scalar_t>::acc_t* lse_t) {
-  using S = Step<scalar_t>;
-  using Vec = typename S::Vec;
-  using acc_t = typename S::acc_t;
-  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  const Vec zero(0), vinv(inv_temp);
-
-  acc_t max_s = -kInf, max_t = -kInf, ref_s = 0, ref_t = 0;
-  Vec sum_s(0), sum_t(0), cross(0);  // cross = sum(et * log(p_t / p_s)) up to a row constant
-  for (int64_t begin = 0; begin < cols; begin += kBlock) {
-    const int64_t n = std::min(kBlock, cols - begin);
-    Vec block_max_s(-kInf), block_max_t(-kInf);
-    for_each_vec<S>(s + begin, t + begin, n, [&](const Vec& vs, const Vec& vt) {
-      block_max_s = at::vec::maximum(block_max_s, vs);
-      block_max_t = at::vec::maximum(block_max_t, vt);
-    });
-    // Accumulators that have seen only -inf are 0 and need no rescaling; skipping them also keeps
-    // exp(-shift) from overflowing (0 * inf = NaN) when the first finite maximum is below -88.
-    const bool empty_s = max_s == -kInf, empty_t = max_t == -kInf;
-    max_s = nan_max(max_s, reduce_max(block_max_s) * inv_temp);
-    max_t = nan_max(max_t, reduce_max(block_max_t) * inv_temp);
-
-    // Move the accumulators to the new references (a no-op for rows that fit in one block).
-    const acc_t new_ref_t = exp_reference(max_t);
-    if (new_ref_t != ref_t && !empty_t) {
-      const acc_t shift = new_ref_t - ref_t;
-      const Vec rescale(std::exp(-shift));
-      // A cross of +inf (a class the teacher gives mass and the student none) stays +inf even
-      // where rescale underflows to 0.
-      const Vec inf(kInf);
-      cross = Vec::blendv((cross - sum_t * Vec(shift)) * rescale, inf, cross == inf);
-      sum_t = sum_t * rescale;
+// A thread's scratch, reused across rows: the exponentials of sweep 1 and, for a side that is not
+// direct, its gradient before sweep 3.
+template <typename acc_t>
+struct RowScratch {
+  std::vector<acc_t> es, et, gs, gt;
+  // Per block: the reference of its exponentials, their sum, and then the factor that turns them
+  // into probabilities (for the student, the teacher, and the student at T = 1).
+  std::vector<acc_t> ref_s, ref_t, ref1, sum_s, sum_t, sum1;
+  void fit(int64_t padded_cols, int64_t blocks) {
+    for (auto* v : {&es, &et, &gs, &gt}) {
+      if (int64_t(v->size()) < padded_cols) {
+        v->resize(padded_cols);
+      }
     }
-    ref_t = new_ref_t;
-    const acc_t new_ref_s = exp_reference(max_s);
-    if (new_ref_s != ref_s && !empty_s) {
-      const acc_t shift = new_ref_s - ref_s;
-      cross = cross + sum_t * Vec(shift);
-      sum_s = sum_s * Vec(std::exp(-shift));
+    for (auto* v : {&ref_s, &ref_t, &ref1, &sum_s, &sum_t, &sum1}) {
+      v->resize(blocks);
     }
-    ref_s = new_ref_s;
-
-    const Vec vref_s(ref_s), vref_t(ref_t), vref_diff(ref_t - ref_s);
-    for_each_vec<S>(s + begin, t + begin, n, [&](const Vec& vs, const Vec& vt) {
-      const Vec es = at::vec::fmsub(vs, vinv, vref_s).exp_u20();
-      const Vec et = at::vec::fmsub(vt, vinv, vref_t).exp_u20();
-      sum_s = sum_s + es;
-      sum_t = sum_t + et;
-      // yt - ys from t - s, which is exact for close logits however large they are.
-      const Vec log_ratio = at::vec::fmsub(vt - vs, vinv, vref_diff);
-      // 0 * log 0 = 0: a class the teacher gives no mass adds nothing, whatever the student says.
-      cross = cross + Vec::blendv(zero, et * log_ratio, et > zero);
-    });
   }
-  const acc_t total_s = reduce_sum(sum_s), total_t = reduce_sum(sum_t);
-  *lse_s = ref_s + std::log(total_s);
-  *lse_t = ref_t + std::log(total_t);
-  // A student that gives no mass anywhere the teacher does: KL = +inf (not inf - inf).
-  *kl = (total_s == 0 && total_t > 0)
-      ? kInf
-      : reduce_sum(cross) / total_t + std::log(total_s / total_t);
+};
+
+template <typename acc_t>
+RowScratch<acc_t>& thread_scratch() {
+  thread_local RowScratch<acc_t> scratch;
+  return scratch;
 }
 
-// One row of gradients of grad * KL:
-//   d/ds = grad/T * (p_s - p_t),   d/dt = grad/T * p_t * (log p_t - log p_s - KL)
-template <typename scalar_t, bool kStudent, bool kTeacher>
-void backward_row(
-    const scalar_t* s,
+// One row of more than kMaxShortCols classes. Returns the row's loss.
+template <typename scalar_s, typename scalar_t, typename Div>
+typename Step<scalar_s>::acc_t long_row(
+    const scalar_s* s,
     const scalar_t* t,
     int64_t cols,
-    typename Step<scalar_t>::acc_t inv_temp,
-    typename Step<scalar_t>::acc_t lse_s,
-    typename Step<scalar_t>::acc_t lse_t,
-    typename Step<scalar_t>::acc_t kl,
-    typename Step<scalar_t>::acc_t grad,
-    scalar_t* grad_s,
+    int64_t label,
+    const Div& div,
+    const Launch<typename Step<scalar_s>::acc_t>& L,
+    scalar_s* grad_s,
     scalar_t* grad_t) {
-  using S = Step<scalar_t>;
-  using Vec = typename S::Vec;
-  const Vec zero(0), vinv(inv_temp), vlse_s(lse_s), vlse_t(lse_t), vkl(kl),
-      vscale(grad * inv_temp);
-  auto gradients = [&](const Vec& vs, const Vec& vt, Vec& ds, Vec& dt) {
-    const Vec log_ps = at::vec::fmsub(vs, vinv, vlse_s);
-    const Vec log_pt = at::vec::fmsub(vt, vinv, vlse_t);
-    const Vec pt = log_pt.exp_u20();
-    if constexpr (kStudent) {
-      ds = (log_ps.exp_u20() - pt) * vscale;
+  using SS = Step<scalar_s>;
+  using ST = Step<scalar_t>;
+  using acc_t = typename SS::acc_t;
+  using Vec = typename SS::Vec;
+  using M = VecMath<Vec>;
+  static_assert(SS::kSize == ST::kSize && std::is_same_v<acc_t, typename ST::acc_t>);
+  constexpr int64_t kSize = SS::kSize, kWidth = SS::kWidth;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  const int64_t blocks = (cols + kBlock - 1) / kBlock;
+  const int64_t padded = (cols + kSize - 1) / kSize * kSize;
+  RowScratch<acc_t>& scratch = thread_scratch<acc_t>();
+  scratch.fit(padded, blocks);
+  acc_t* es = scratch.es.data();
+  acc_t* et = scratch.et.data();
+  const Vec vinv(L.inv_temp);
+  const bool hard_exp = L.hard && !L.unit_temperature;
+
+  // Sweep 1. Per block: the raw maxima m (the student's also serves the cross-entropy at T = 1),
+  // the references ref = m / T, and the sums of e relative to them.
+  acc_t max_s = -kInf, max_t = -kInf;
+  std::vector<acc_t>&ref_s_b = scratch.ref_s, &ref_t_b = scratch.ref_t, &ref1_b = scratch.ref1;
+  std::vector<acc_t>&mult_s = scratch.sum_s, &mult_t = scratch.sum_t, &sum1_b = scratch.sum1;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kBlock, n = std::min(kBlock, cols - begin);
+    Vec vmax_s(-kInf), vmax_t(-kInf);
+    for (int64_t i = 0; i < n; i += kSize) {
+      Vec s0, s1, t0, t1;
+      load_step(s + begin + i, n - i, s0, s1);
+      load_step(t + begin + i, n - i, t0, t1);
+      vmax_s = at::vec::maximum(vmax_s, at::vec::maximum(s0, s1));
+      vmax_t = at::vec::maximum(vmax_t, at::vec::maximum(t0, t1));
     }
-    if constexpr (kTeacher) {
-      dt = Vec::blendv(zero, pt * (log_pt - log_ps - vkl) * vscale, pt > zero);
+    const acc_t m_s = reduce_max(vmax_s), m_t = reduce_max(vmax_t);
+    max_s = nan_max(max_s, m_s);
+    max_t = nan_max(max_t, m_t);
+    ref_s_b[b] = exp_reference(m_s * L.inv_temp);
+    ref_t_b[b] = exp_reference(m_t * L.inv_temp);
+    const Vec vref_s(ref_s_b[b]), vref_t(ref_t_b[b]);
+    const acc_t r1 = exp_reference(m_s);
+    const Vec vref1(r1);
+    Vec sum_s(0), sum_t(0), sum1(0);
+    for (int64_t i = 0; i < n; i += kSize) {
+      Vec s0, s1, t0, t1;
+      load_step(s + begin + i, n - i, s0, s1);
+      load_step(t + begin + i, n - i, t0, t1);
+      const Vec es0 = at::vec::fmsub(s0, vinv, vref_s).exp_u20();
+      const Vec es1 = at::vec::fmsub(s1, vinv, vref_s).exp_u20();
+      const Vec et0 = at::vec::fmsub(t0, vinv, vref_t).exp_u20();
+      const Vec et1 = at::vec::fmsub(t1, vinv, vref_t).exp_u20();
+      es0.store(es + begin + i);
+      es1.store(es + begin + i + kWidth);
+      et0.store(et + begin + i);
+      et1.store(et + begin + i + kWidth);
+      sum_s = sum_s + es0 + es1;
+      sum_t = sum_t + et0 + et1;
+      if (hard_exp) {
+        sum1 = sum1 + (s0 - vref1).exp_u20() + (s1 - vref1).exp_u20();
+      }
+    }
+    mult_s[b] = reduce_sum(sum_s);
+    mult_t[b] = reduce_sum(sum_t);
+    ref1_b[b] = r1;
+    sum1_b[b] = hard_exp ? reduce_sum(sum1) : acc_t(0);
+  }
+
+  // The row's statistics. A block's sums move to the row's reference by the factor
+  // exp(ref_b - ref), which replaces them; a block with no mass gets the factor 0 (never exp of a
+  // huge shift).
+  auto combine = [&](const std::vector<acc_t>& refs, std::vector<acc_t>& sums, acc_t row_max,
+                     acc_t scale, acc_t& ref, acc_t& total) {
+    ref = exp_reference(row_max * scale);
+    double sum = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const acc_t factor = sums[b] == 0 ? acc_t(0) : std::exp(refs[b] - ref);
+      sum += double(sums[b]) * factor;
+      sums[b] = factor;
+    }
+    total = static_cast<acc_t>(sum);
+  };
+  acc_t ref_s, ref_t, total_s, total_t;
+  combine(ref_s_b, mult_s, max_s, L.inv_temp, ref_s, total_s);
+  combine(ref_t_b, mult_t, max_t, L.inv_temp, ref_t, total_t);
+  // A side without mass (every logit -inf) keeps probabilities 0 and log-probabilities -inf, so
+  // that a student without mass where the teacher has some gives +inf, not NaN.
+  const acc_t inv_s = total_s > 0 ? 1 / total_s : 0, inv_t = total_t > 0 ? 1 / total_t : 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    mult_s[b] *= inv_s;
+    mult_t[b] *= inv_t;
+  }
+  const acc_t log_total_s = total_s > 0 ? std::log(total_s) : 0;
+  const acc_t log_total_t = total_t > 0 ? std::log(total_t) : 0;
+  const acc_t log_total_ratio =
+      total_s > 0 && total_t > 0 ? std::log(total_t / total_s) : log_total_t - log_total_s;
+  acc_t lse1 = ref_s + log_total_s;  // at T = 1
+  if (hard_exp) {
+    acc_t ref1, total1;
+    combine(ref1_b, sum1_b, max_s, acc_t(1), ref1, total1);
+    lse1 = ref1 + std::log(total1);
+  }
+
+  // Sweep 2.
+  const bool fix_s = L.student_grad && !Div::kStudentDirect;
+  const bool fix_t = L.teacher_grad && !Div::kTeacherDirect;
+  acc_t* gs = scratch.gs.data();
+  acc_t* gt = scratch.gt.data();
+  const Vec vref_s(ref_s), vref_t(ref_t), vlog_s(log_total_s), vlog_t(log_total_t),
+      vlog_ratio(log_total_ratio), vgrad_soft(L.grad_soft), vgrad_hard(L.grad_hard),
+      vlse1(lse1);
+  double value = 0, w_sum_s = 0, w_sum_t = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kBlock, n = std::min(kBlock, cols - begin);
+    const Vec vmult_s(mult_s[b]), vmult_t(mult_t[b]);
+    Vec block_value(0), block_w_s(0), block_w_t(0);
+    for (int64_t i = 0; i < n; i += kSize) {
+      Vec vs[2], vt[2], out_s[2], out_t[2];
+      load_step(s + begin + i, n - i, vs[0], vs[1]);
+      load_step(t + begin + i, n - i, vt[0], vt[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t j = begin + i + h * kWidth;
+        const Vec a_s = at::vec::fmsub(vs[h], vinv, vref_s);
+        const Vec a_t = at::vec::fmsub(vt[h], vinv, vref_t);
+        const ClassTerms<Vec> c{
+            Vec::loadu(et + j) * vmult_t, Vec::loadu(es + j) * vmult_s, a_t - vlog_t,
+            a_s - vlog_s, (a_t - a_s) - vlog_ratio};
+        const DivergenceTerms<Vec> d = div.template terms<M>(c);
+        block_value = block_value + d.value;
+        if (L.student_grad) {
+          Vec g = d.w_student * vgrad_soft;
+          if (L.hard) {
+            const Vec p1 = L.unit_temperature ? c.p_s : (vs[h] - vlse1).exp_u20();
+            g = at::vec::fmadd(p1, vgrad_hard, g);
+          }
+          out_s[h] = g;
+          if (fix_s) {
+            g.store(gs + j);
+            block_w_s = block_w_s + d.w_student;
+          }
+        }
+        if (L.teacher_grad) {
+          out_t[h] = d.w_teacher * vgrad_soft;
+          if (fix_t) {
+            out_t[h].store(gt + j);
+            block_w_t = block_w_t + d.w_teacher;
+          }
+        }
+      }
+      if (L.student_grad && !fix_s) {
+        SS::store(grad_s + begin + i, n - i, out_s[0], out_s[1]);
+      }
+      if (L.teacher_grad && !fix_t) {
+        ST::store(grad_t + begin + i, n - i, out_t[0], out_t[1]);
+      }
+    }
+    value += reduce_sum(block_value);
+    w_sum_s += reduce_sum(block_w_s);
+    w_sum_t += reduce_sum(block_w_t);
+  }
+
+  // Sweep 3: gradient = kept - prob * sum(w) (times the row's soft scale).
+  auto fix = [&](const acc_t* kept, const acc_t* e, const std::vector<acc_t>& mult,
+                 double w_sum, auto* grad) {
+    using Out = std::remove_pointer_t<decltype(grad)>;
+    const Vec vw(static_cast<acc_t>(w_sum) * L.grad_soft);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t begin = b * kBlock, n = std::min(kBlock, cols - begin);
+      const Vec vmult(mult[b]);
+      for (int64_t i = 0; i < n; i += kSize) {
+        const int64_t j = begin + i;
+        const Vec g0 = Vec::loadu(kept + j) - Vec::loadu(e + j) * vmult * vw;
+        const Vec g1 = Vec::loadu(kept + j + kWidth) - Vec::loadu(e + j + kWidth) * vmult * vw;
+        Step<Out>::store(grad + j, n - i, g0, g1);
+      }
     }
   };
-  Vec s0, s1, t0, t1, ds0, ds1, dt0, dt1;
-  int64_t i = 0;
-  for (; i + S::kSize <= cols; i += S::kSize) {
-    S::load(s + i, s0, s1);
-    S::load(t + i, t0, t1);
-    gradients(s0, t0, ds0, dt0);
-    gradients(s1, t1, ds1, dt1);
-    if constexpr (kStudent) {
-      S::store(grad_s + i, ds0, ds1);
-    }
-    if constexpr (kTeacher) {
-      S::store(grad_t + i, dt0, dt1);
+  if (fix_s) {
+    fix(gs, es, mult_s, w_sum_s, grad_s);
+  }
+  if (fix_t) {
+    fix(gt, et, mult_t, w_sum_t, grad_t);
+  }
+
+  acc_t loss = L.soft_scale > 0 ? L.soft_scale * static_cast<acc_t>(value) : acc_t(0);
+  if (L.hard) {
+    loss += L.hard_weight * (lse1 - static_cast<acc_t>(s[label]));
+    if (L.student_grad) {
+      grad_s[label] = static_cast<scalar_s>(static_cast<acc_t>(grad_s[label]) - L.grad_hard);
     }
   }
-  if (i < cols) {
-    const int64_t n = cols - i;
-    S::load_partial(s + i, n, s0, s1);
-    S::load_partial(t + i, n, t0, t1);
-    gradients(s0, t0, ds0, dt0);
-    gradients(s1, t1, ds1, dt1);
-    if constexpr (kStudent) {
-      S::store_partial(grad_s + i, n, ds0, ds1);
-    }
-    if constexpr (kTeacher) {
-      S::store_partial(grad_t + i, n, dt0, dt1);
-    }
-  }
+  return loss;
 }
 
 // Short rows (image classifiers' C = 10): one vector lane per row instead of per class, so a
@@ -275,128 +404,152 @@ void backward_row(
 // results are dropped.
 constexpr int64_t kMaxShortCols = 32;
 
-template <typename scalar_t>
-struct ShortRows {
-  using acc_t = typename Step<scalar_t>::acc_t;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kLanes = Vec::size();
-  static constexpr int64_t kScratch = kMaxShortCols * kLanes;
-
-  static void transpose_in(
-      const scalar_t* x, int64_t stride, int64_t rows, int64_t cols, acc_t* out) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      const scalar_t* row = x + std::min(lane, rows - 1) * stride;
-      for (int64_t c = 0; c < cols; ++c) {
-        out[c * kLanes + lane] = static_cast<acc_t>(row[c]);
-      }
-    }
-  }
-  static void transpose_out(const acc_t* in, int64_t rows, int64_t cols, scalar_t* x) {
-    for (int64_t lane = 0; lane < rows; ++lane) {
-      for (int64_t c = 0; c < cols; ++c) {
-        x[lane * cols + c] = static_cast<scalar_t>(in[c * kLanes + lane]);
-      }
-    }
-  }
-  // Lane-wise version of exp_reference: the maximum, or 0 where it is -inf.
-  static Vec exp_reference(const Vec& scaled_max) {
-    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-    return Vec::blendv(scaled_max, Vec(0), scaled_max == neg_inf);
-  }
-};
-
-// The forward of forward_row, for up to kLanes rows of at most kMaxShortCols classes.
-template <typename scalar_t>
-void forward_short_rows(
-    const scalar_t* s,
+template <typename scalar_s, typename scalar_t, typename Div>
+void short_rows(
+    const scalar_s* s,
     const scalar_t* t,
     int64_t s_stride,
     int64_t t_stride,
     int64_t rows,
     int64_t cols,
-    typename Step<scalar_t>::acc_t inv_temp,
-    typename Step<scalar_t>::acc_t* kl,
-    typename Step<scalar_t>::acc_t* lse_s,
-    typename Step<scalar_t>::acc_t* lse_t) {
-  using G = ShortRows<scalar_t>;
-  using Vec = typename G::Vec;
-  using acc_t = typename G::acc_t;
+    const int64_t* labels,  // of these rows, or null
+    int64_t ignore_index,
+    const Div& div,
+    const Launch<typename Step<scalar_s>::acc_t>& L,
+    typename Step<scalar_s>::acc_t* row_loss,
+    scalar_s* grad_s,
+    scalar_t* grad_t) {
+  using acc_t = typename Step<scalar_s>::acc_t;
+  using Vec = Vectorized<acc_t>;
+  using M = VecMath<Vec>;
+  constexpr int64_t kLanes = Vec::size();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  alignas(64) acc_t xs[G::kScratch], xt[G::kScratch];
-  G::transpose_in(s, s_stride, rows, cols, xs);
-  G::transpose_in(t, t_stride, rows, cols, xt);
+  alignas(64) acc_t xs[kMaxShortCols * kLanes], xt[kMaxShortCols * kLanes];
+  alignas(64) acc_t es[kMaxShortCols * kLanes], et[kMaxShortCols * kLanes];
+  alignas(64) acc_t valid[kLanes], label_logit[kLanes], out[kLanes];
+  auto transpose_in = [&](const auto* x, int64_t stride, acc_t* to) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      const auto* row = x + std::min(lane, rows - 1) * stride;
+      for (int64_t c = 0; c < cols; ++c) {
+        to[c * kLanes + lane] = static_cast<acc_t>(row[c]);
+      }
+    }
+  };
+  transpose_in(s, s_stride, xs);
+  transpose_in(t, t_stride, xt);
+  int64_t lane_label[kLanes];
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    const int64_t label = labels && lane < rows ? labels[lane] : ignore_index + 1;
+    const bool ok = lane < rows && (!labels || label != ignore_index);
+    valid[lane] = ok ? acc_t(1) : acc_t(0);
+    lane_label[lane] = ok && L.hard ? label : -1;
+    label_logit[lane] = lane_label[lane] >= 0 ? xs[label * kLanes + lane] : acc_t(0);
+  }
+  const Vec zero(0), vinv(L.inv_temp);
+  const Vec is_valid = Vec::loadu(valid) > zero;
 
   Vec max_s(-kInf), max_t(-kInf);
   for (int64_t c = 0; c < cols; ++c) {
-    max_s = at::vec::maximum(max_s, Vec::loadu(xs + c * G::kLanes));
-    max_t = at::vec::maximum(max_t, Vec::loadu(xt + c * G::kLanes));
+    max_s = at::vec::maximum(max_s, Vec::loadu(xs + c * kLanes));
+    max_t = at::vec::maximum(max_t, Vec::loadu(xt + c * kLanes));
   }
-  const Vec zero(0), vinv(inv_temp);
-  const Vec ref_s = G::exp_reference(max_s * vinv), ref_t = G::exp_reference(max_t * vinv);
-  const Vec ref_diff = ref_t - ref_s;
-  Vec sum_s(0), sum_t(0), cross(0);
+  const Vec ref_s = lane_exp_reference(max_s * vinv), ref_t = lane_exp_reference(max_t * vinv);
+  const Vec ref1 = lane_exp_reference(max_s);
+  const bool hard_exp = L.hard && !L.unit_temperature;
+  Vec total_s(0), total_t(0), total1(0);
   for (int64_t c = 0; c < cols; ++c) {
-    const Vec vs = Vec::loadu(xs + c * G::kLanes), vt = Vec::loadu(xt + c * G::kLanes);
-    const Vec es = at::vec::fmsub(vs, vinv, ref_s).exp_u20();
-    const Vec et = at::vec::fmsub(vt, vinv, ref_t).exp_u20();
-    sum_s = sum_s + es;
-    sum_t = sum_t + et;
-    cross = cross + Vec::blendv(zero, et * at::vec::fmsub(vt - vs, vinv, ref_diff), et > zero);
+    const Vec vs = Vec::loadu(xs + c * kLanes);
+    const Vec e_s = at::vec::fmsub(vs, vinv, ref_s).exp_u20();
+    const Vec e_t = at::vec::fmsub(Vec::loadu(xt + c * kLanes), vinv, ref_t).exp_u20();
+    e_s.store(es + c * kLanes);
+    e_t.store(et + c * kLanes);
+    total_s = total_s + e_s;
+    total_t = total_t + e_t;
+    if (hard_exp) {
+      total1 = total1 + (vs - ref1).exp_u20();
+    }
   }
-  (ref_s + sum_s.log()).store(lse_s, rows);
-  (ref_t + sum_t.log()).store(lse_t, rows);
-  const Vec no_student_mass = (sum_s == zero) & (sum_t > zero);
-  Vec::blendv(cross / sum_t + (sum_s / sum_t).log(), Vec(kInf), no_student_mass).store(kl, rows);
-}
+  // As in long_row: a side without mass keeps probabilities 0 and log-probabilities -inf.
+  const Vec has_s = total_s > zero, has_t = total_t > zero;
+  const Vec inv_s = Vec::blendv(zero, Vec(1) / total_s, has_s);
+  const Vec inv_t = Vec::blendv(zero, Vec(1) / total_t, has_t);
+  const Vec log_s = Vec::blendv(zero, total_s.log(), has_s);
+  const Vec log_t = Vec::blendv(zero, total_t.log(), has_t);
+  const Vec log_ratio = Vec::blendv(log_t - log_s, (total_t / total_s).log(), has_s & has_t);
+  const Vec lse1 = hard_exp ? ref1 + total1.log() : ref_s + log_s;
+  const Vec grad_soft(L.grad_soft), grad_hard(L.grad_hard);
 
-// The backward of backward_row, for up to kLanes rows of at most kMaxShortCols classes.
-template <typename scalar_t, bool kStudent, bool kTeacher>
-void backward_short_rows(
-    const scalar_t* s,
-    const scalar_t* t,
-    int64_t s_stride,
-    int64_t t_stride,
-    int64_t rows,
-    int64_t cols,
-    typename Step<scalar_t>::acc_t inv_temp,
-    const typename Step<scalar_t>::acc_t* lse_s,
-    const typename Step<scalar_t>::acc_t* lse_t,
-    const typename Step<scalar_t>::acc_t* kl,
-    const typename Step<scalar_t>::acc_t* grad,
-    int64_t grad_stride,
-    scalar_t* grad_s,
-    scalar_t* grad_t) {
-  using G = ShortRows<scalar_t>;
-  using Vec = typename G::Vec;
-  using acc_t = typename G::acc_t;
-  alignas(64) acc_t xs[G::kScratch], xt[G::kScratch], scale[G::kLanes];
-  G::transpose_in(s, s_stride, rows, cols, xs);
-  G::transpose_in(t, t_stride, rows, cols, xt);
-  for (int64_t lane = 0; lane < G::kLanes; ++lane) {
-    scale[lane] = grad[std::min(lane, rows - 1) * grad_stride] * inv_temp;
-  }
-  const Vec zero(0), vinv(inv_temp), vscale = Vec::loadu(scale);
-  const Vec vlse_s = Vec::loadu(lse_s, rows), vlse_t = Vec::loadu(lse_t, rows);
-  const Vec vkl = Vec::loadu(kl, rows);
+  // Sweep 2: the loss, the gradients of direct sides, and the sums of w of the others. The
+  // transposed logits are overwritten with the gradients, column by column.
+  Vec value(0), w_sum_s(0), w_sum_t(0);
   for (int64_t c = 0; c < cols; ++c) {
-    acc_t* ps = xs + c * G::kLanes;
-    acc_t* pt = xt + c * G::kLanes;
-    const Vec log_ps = at::vec::fmsub(Vec::loadu(ps), vinv, vlse_s);
-    const Vec log_pt = at::vec::fmsub(Vec::loadu(pt), vinv, vlse_t);
-    const Vec prob_t = log_pt.exp_u20();
-    // The scratch is overwritten with the gradients, column by column.
-    if constexpr (kStudent) {
-      ((log_ps.exp_u20() - prob_t) * vscale).store(ps);
+    acc_t* ps = xs + c * kLanes;
+    acc_t* pt = xt + c * kLanes;
+    const Vec vs = Vec::loadu(ps);
+    const Vec a_s = at::vec::fmsub(vs, vinv, ref_s);
+    const Vec a_t = at::vec::fmsub(Vec::loadu(pt), vinv, ref_t);
+    const ClassTerms<Vec> ct{
+        Vec::loadu(et + c * kLanes) * inv_t, Vec::loadu(es + c * kLanes) * inv_s, a_t - log_t,
+        a_s - log_s, (a_t - a_s) - log_ratio};
+    const DivergenceTerms<Vec> d = div.template terms<M>(ct);
+    value = value + d.value;
+    w_sum_s = w_sum_s + d.w_student;
+    w_sum_t = w_sum_t + d.w_teacher;
+    if (L.student_grad) {
+      Vec g = d.w_student * grad_soft;  // finished in sweep 3
+      if (L.hard) {
+        const Vec p1 = hard_exp ? (vs - lse1).exp_u20() : ct.p_s;
+        g = at::vec::fmadd(p1, grad_hard, g);
+      }
+      g.store(ps);
     }
-    if constexpr (kTeacher) {
-      Vec::blendv(zero, prob_t * (log_pt - log_ps - vkl) * vscale, prob_t > zero).store(pt);
+    if (L.teacher_grad) {
+      (d.w_teacher * grad_soft).store(pt);
     }
   }
-  if constexpr (kStudent) {
-    G::transpose_out(xs, rows, cols, grad_s);
+  // Sweep 3 for sides that are not direct, and zero gradients in masked lanes.
+  for (int64_t c = 0; c < cols; ++c) {
+    acc_t* ps = xs + c * kLanes;
+    acc_t* pt = xt + c * kLanes;
+    if (L.student_grad) {
+      Vec g = Vec::loadu(ps);
+      if (!Div::kStudentDirect) {
+        g = g - Vec::loadu(es + c * kLanes) * inv_s * w_sum_s * grad_soft;
+      }
+      Vec::blendv(zero, g, is_valid).store(ps);
+    }
+    if (L.teacher_grad) {
+      Vec g = Vec::loadu(pt);
+      if (!Div::kTeacherDirect) {
+        g = g - Vec::loadu(et + c * kLanes) * inv_t * w_sum_t * grad_soft;
+      }
+      Vec::blendv(zero, g, is_valid).store(pt);
+    }
   }
-  if constexpr (kTeacher) {
-    G::transpose_out(xt, rows, cols, grad_t);
+
+  Vec loss = L.soft_scale > 0 ? value * Vec(L.soft_scale) : zero;
+  if (L.hard) {
+    loss = at::vec::fmadd(lse1 - Vec::loadu(label_logit), Vec(L.hard_weight), loss);
+  }
+  Vec::blendv(zero, loss, is_valid).store(out);
+  for (int64_t lane = 0; lane < rows; ++lane) {
+    row_loss[lane] = out[lane];
+    if (L.student_grad && lane_label[lane] >= 0) {
+      xs[lane_label[lane] * kLanes + lane] -= L.grad_hard;
+    }
+  }
+  auto transpose_out = [&](const acc_t* from, auto* x) {
+    for (int64_t lane = 0; lane < rows; ++lane) {
+      for (int64_t c = 0; c < cols; ++c) {
+        x[lane * cols + c] = static_cast<std::remove_pointer_t<decltype(x)>>(from[c * kLanes + lane]);
+      }
+    }
+  };
+  if (L.student_grad) {
+    transpose_out(xs, grad_s);
+  }
+  if (L.teacher_grad) {
+    transpose_out(xt, grad_t);
   }
 }
 
@@ -405,89 +558,120 @@ inline int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, 32768 / cols);
 }
 
-template <typename scalar_t>
-void forward_impl(const KdForwardArgs& a) {
-  using acc_t = typename Step<scalar_t>::acc_t;
-  const auto* s = static_cast<const scalar_t*>(a.student);
+template <typename scalar_s, typename scalar_t, typename Div>
+void run(const KdKernelArgs& a, const Div& div) {
+  using acc_t = typename Step<scalar_s>::acc_t;
+  const auto* s = static_cast<const scalar_s*>(a.student);
   const auto* t = static_cast<const scalar_t*>(a.teacher);
-  auto* kl = static_cast<acc_t*>(a.kl);
-  auto* lse_s = static_cast<acc_t*>(a.student_lse);
-  auto* lse_t = static_cast<acc_t*>(a.teacher_lse);
-  const auto inv_temp = static_cast<acc_t>(a.inv_temperature);
+  auto* grad_s = static_cast<scalar_s*>(a.grad_student);
+  auto* grad_t = static_cast<scalar_t*>(a.grad_teacher);
+  auto* row_loss = static_cast<acc_t*>(a.row_loss);
+  const Launch<acc_t> L{
+      static_cast<acc_t>(1.0 / a.temperature),
+      static_cast<acc_t>(a.soft_weight * a.temperature * a.temperature),
+      static_cast<acc_t>(a.soft_weight * a.temperature * a.inv_denominator),
+      static_cast<acc_t>(a.hard_weight * a.inv_denominator),
+      static_cast<acc_t>(a.hard_weight),
+      a.hard_weight > 0,
+      a.temperature == 1.0,
+      grad_s != nullptr,
+      grad_t != nullptr};
+
+  if (a.cols == 1) {
+    // One class: both softmaxes are exactly 1, so every divergence and the cross-entropy are 0
+    // (NaN for a NaN or infinite logit, as the formulas give), and so are the gradients.
+    at::parallel_for(0, a.rows, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const bool valid = !a.labels || a.labels[r] != a.ignore_index;
+        const acc_t x = static_cast<acc_t>(s[r * a.student_stride]);
+        const acc_t y = static_cast<acc_t>(t[r * a.teacher_stride]);
+        const acc_t zero = (x - x) + (y - y);
+        row_loss[r] = valid ? zero : acc_t(0);
+        if (grad_s) {
+          grad_s[r] = static_cast<scalar_s>(valid ? (x - x) * 0 : acc_t(0));
+        }
+        if (grad_t) {
+          grad_t[r] = static_cast<scalar_t>(valid ? (y - y) * 0 : acc_t(0));
+        }
+      }
+    });
+    return;
+  }
   if (a.cols <= kMaxShortCols) {
-    constexpr int64_t kLanes = ShortRows<scalar_t>::kLanes;
+    constexpr int64_t kLanes = Vectorized<acc_t>::size();
     const int64_t groups = (a.rows + kLanes - 1) / kLanes;
-    at::parallel_for(0, groups, grain_rows(a.cols) / kLanes, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, groups, grain_rows(a.cols * kLanes), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin * kLanes; r < std::min(end * kLanes, a.rows); r += kLanes) {
-        forward_short_rows<scalar_t>(
+        short_rows<scalar_s, scalar_t>(
             s + r * a.student_stride, t + r * a.teacher_stride, a.student_stride,
-            a.teacher_stride, std::min(kLanes, a.rows - r), a.cols, inv_temp, kl + r, lse_s + r,
-            lse_t + r);
+            a.teacher_stride, std::min(kLanes, a.rows - r), a.cols,
+            a.labels ? a.labels + r : nullptr, a.ignore_index, div, L, row_loss + r,
+            grad_s ? grad_s + r * a.cols : nullptr, grad_t ? grad_t + r * a.cols : nullptr);
       }
     });
     return;
   }
   at::parallel_for(0, a.rows, grain_rows(a.cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      forward_row<scalar_t>(
-          s + r * a.student_stride, t + r * a.teacher_stride, a.cols, inv_temp, kl + r,
-          lse_s + r, lse_t + r);
+      scalar_s* gs = grad_s ? grad_s + r * a.cols : nullptr;
+      scalar_t* gt = grad_t ? grad_t + r * a.cols : nullptr;
+      if (a.labels && a.labels[r] == a.ignore_index) {
+        row_loss[r] = 0;
+        if (gs) {
+          std::memset(static_cast<void*>(gs), 0, a.cols * sizeof(scalar_s));
+        }
+        if (gt) {
+          std::memset(static_cast<void*>(gt), 0, a.cols * sizeof(scalar_t));
+        }
+        continue;
+      }
+      row_loss[r] = long_row<scalar_s, scalar_t>(
+          s + r * a.student_stride, t + r * a.teacher_stride, a.cols,
+          a.labels ? a.labels[r] : 0, div, L, gs, gt);
     }
   });
 }
 
-template <typename scalar_t, bool kStudent, bool kTeacher>
-void backward_impl(const KdBackwardArgs& a) {
-  using acc_t = typename Step<scalar_t>::acc_t;
-  const KdForwardArgs& f = a.fwd;
-  const auto* s = static_cast<const scalar_t*>(f.student);
-  const auto* t = static_cast<const scalar_t*>(f.teacher);
-  const auto* kl = static_cast<const acc_t*>(f.kl);
-  const auto* lse_s = static_cast<const acc_t*>(f.student_lse);
-  const auto* lse_t = static_cast<const acc_t*>(f.teacher_lse);
-  const auto* grad = static_cast<const acc_t*>(a.grad_kl);
-  auto* grad_s = static_cast<scalar_t*>(a.grad_student);
-  auto* grad_t = static_cast<scalar_t*>(a.grad_teacher);
-  const auto inv_temp = static_cast<acc_t>(f.inv_temperature);
-  if (f.cols <= kMaxShortCols) {
-    constexpr int64_t kLanes = ShortRows<scalar_t>::kLanes;
-    const int64_t groups = (f.rows + kLanes - 1) / kLanes;
-    at::parallel_for(0, groups, grain_rows(f.cols) / kLanes, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin * kLanes; r < std::min(end * kLanes, f.rows); r += kLanes) {
-        backward_short_rows<scalar_t, kStudent, kTeacher>(
-            s + r * f.student_stride, t + r * f.teacher_stride, f.student_stride,
-            f.teacher_stride, std::min(kLanes, f.rows - r), f.cols, inv_temp, lse_s + r,
-            lse_t + r, kl + r, grad + r * a.grad_stride, a.grad_stride, grad_s + r * f.cols,
-            grad_t + r * f.cols);
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, f.rows, grain_rows(f.cols), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      backward_row<scalar_t, kStudent, kTeacher>(
-          s + r * f.student_stride, t + r * f.teacher_stride, f.cols, inv_temp, lse_s[r],
-          lse_t[r], kl[r], grad[r * a.grad_stride], grad_s + r * f.cols, grad_t + r * f.cols);
+// Calls f(scalar_s{}, scalar_t{}) for the dtype pair (checked by the op: both reduced floats, or
+// both double).
+template <typename F>
+void dispatch_dtypes(c10::ScalarType ds, c10::ScalarType dt, const F& f) {
+  auto teacher = [&](auto student) {
+    switch (dt) {
+      case c10::ScalarType::Float:
+        return f(student, float{});
+      case c10::ScalarType::BFloat16:
+        return f(student, at::BFloat16{});
+      case c10::ScalarType::Half:
+        return f(student, at::Half{});
+      default:
+        TORCH_INTERNAL_ASSERT(false, "kd_loss: unexpected teacher dtype ", dt);
     }
-  });
+  };
+  switch (ds) {
+    case c10::ScalarType::Double:
+      TORCH_INTERNAL_ASSERT(dt == c10::ScalarType::Double);
+      return f(double{}, double{});
+    case c10::ScalarType::Float:
+      return teacher(float{});
+    case c10::ScalarType::BFloat16:
+      return teacher(at::BFloat16{});
+    case c10::ScalarType::Half:
+      return teacher(at::Half{});
+    default:
+      TORCH_INTERNAL_ASSERT(false, "kd_loss: unexpected student dtype ", ds);
+  }
 }
 
 }  // namespace
 
-void kd_forward(const KdForwardArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, args.dtype, "kd_loss_fwd", [&] { forward_impl<scalar_t>(args); });
-}
-
-void kd_backward(const KdBackwardArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.fwd.dtype, "kd_loss_bwd", [&] {
-    if (args.grad_student && args.grad_teacher) {
-      backward_impl<scalar_t, true, true>(args);
-    } else if (args.grad_student) {
-      backward_impl<scalar_t, true, false>(args);
-    } else if (args.grad_teacher) {
-      backward_impl<scalar_t, false, true>(args);
-    }
+void kd_loss_rows(const KdKernelArgs& args) {
+  dispatch_dtypes(args.student_dtype, args.teacher_dtype, [&](auto student, auto teacher) {
+    using scalar_s = decltype(student);
+    using scalar_t = decltype(teacher);
+    using acc_t = typename Step<scalar_s>::acc_t;
+    dispatch_divergence<acc_t>(
+        args.beta, [&](const auto& div) { run<scalar_s, scalar_t>(args, div); });
   });
 }
 
