@@ -23,7 +23,7 @@ From a checkout on a machine with torch (a CUDA build), nvcc, compute-sanitizer 
 Writes at most five files under OUT (the device machine returns 8 at most): summary.md (every
 step, what failed and what was skipped), summary.json, gpu.json, gpu.md and logs.tar.gz (build,
 tests + junit XML, one log per sanitizer tool and its exercise JSON, the plain exercise, the
-benchmark, the environment). Every step has a time limit inside one budget (--budget, default 540
+benchmark, the environment). Every step has a time limit inside one budget (--budget, default 560
 s, so a 600 s run limit holds); a step that fails is recorded and the next one runs. The exit
 status is 1 if anything failed, 0 otherwise; the summary printed last says what was skipped.
 """
@@ -354,6 +354,7 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
         limit = min(self.args.check_timeout, self.remaining() - self.args.bench_reserve - 20)
         if limit < 60:
             limit = max(30.0, self.remaining() - 60)
+        self.check_limit = limit
         t0 = time.monotonic()
         jobs = {}
         if "tests" not in self.args.skip:
@@ -371,6 +372,7 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
                     jobs[tool] = self.start_exercise(tool)
         else:
             self.skip_step("sanitize", "--skip sanitize")
+        self.check_limit = limit
         for name, (proc, log, extra) in jobs.items():
             rc = self.wait(proc, limit - (time.monotonic() - t0))
             if name == "tests":
@@ -381,7 +383,9 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
     def start_tests(self):
         log = self.log("test.log")
         junit = self.log("junit.xml")
-        cmd = [self.python, "-m", "pytest", "-rs", "-q", "-p", "no:cacheprovider",
+        # -v: one line per test with its outcome (and a skip's reason), so that a run cut short by
+        # its time limit, which writes no junit XML, can still be read (parse_pytest_log).
+        cmd = [self.python, "-m", "pytest", "-rs", "-v", "-p", "no:cacheprovider",
                f"--junitxml={junit}", "--durations=15", "tests"]
         if self.facts.get("pytest_timeout"):
             cmd.insert(-1, "--timeout=240")
@@ -390,6 +394,10 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
 
     def finish_tests(self, rc, log, junit, t0):
         summary = parse_junit(junit, self.facts.get("device_count") or 0, self.args.allow_skip)
+        if summary.get("error"):  # no XML: pytest was stopped; read its verbose log instead
+            partial = parse_pytest_log(log, self.facts.get("device_count") or 0,
+                                       self.args.allow_skip)
+            summary = {**partial, "error": summary["error"] + "; counts read from test.log"}
         problems = []
         if rc is None:
             problems.append("timed out")
@@ -400,7 +408,7 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
         if summary.get("error"):
             problems.append(summary["error"])
         if summary.get("cuda_skipped"):
-            problems.append(f"{len(summary['cuda_skipped'])} CUDA tests skipped")
+            problems.append(f"{summary['cuda_skipped_count']} CUDA tests skipped")
         if summary.get("tests") and not summary.get("cuda_passed"):
             problems.append("no CUDA test passed")
         for s in summary.get("other_skipped", []):
@@ -422,7 +430,9 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
         # seeded by its name) only run, which is what the tools need and much faster.
         exercise = [self.python, os.path.join(HERE, "gpu_exercise.py"), "--device",
                     self.args.exercise_device, "--json", out_json, "--label", name,
-                    "--checks", "light" if tool else "full"]
+                    "--checks", "light" if tool else "full",
+                    # Start no path after this, so that the tool still ends and counts its errors.
+                    "--max-seconds", str(int(max(20, self.check_limit_hint() - 40)))]
         threads = str(max(2, (os.cpu_count() or 8) // 8))
         if not tool:
             return self.spawn(exercise, log, env=self.env(OMP_NUM_THREADS=threads)), log, {
@@ -443,6 +453,11 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
             "json": out_json, "sanitizer_log": sanitizer_log, "filtered": tool != "initcheck"
             and bool(self.kernel_filter())}
 
+    def check_limit_hint(self):
+        """The time limit tests_and_sanitizers will give its jobs (set before they start)."""
+        return getattr(self, "check_limit", None) or min(
+            self.args.check_timeout, self.remaining() - self.args.bench_reserve - 20)
+
     def kernel_filter(self):
         if not hasattr(self, "_filter"):
             helptext = self.capture([self.facts["sanitizer"], "--help"], timeout=30)
@@ -462,6 +477,11 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
             for p in paths:
                 if p.get("status") in ("skipped", "not run"):
                     self.skipped.append(f"exercise path {p['path']}: {p.get('reason')}")
+        else:
+            late = [p["path"].split(":")[0] for p in paths if p.get("status") == "not run"]
+            if late:
+                self.skipped.append(f"sanitize {name}: paths not run for want of time: "
+                                    + "; ".join(late))
             for op in report.get("ops_never_seen_on_device", []) if report else []:
                 self.skipped.append(f"exercise: op {op} never seen on the GPU by the dispatch "
                                     "counter (its backward thread may hide it)")
@@ -576,38 +596,50 @@ def read_json(path):
 
 def parse_junit(path, device_count, allow):
     """Counts, failures and skips from pytest's junit XML; a skip is a CUDA test's when its id or
-    reason mentions CUDA or a GPU; one whose reason names hardware this machine lacks is allowed."""
+    reason mentions CUDA or a GPU; one whose reason names hardware this machine lacks (two GPUs)
+    is allowed, listed apart."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError) as error:
         return {"error": f"no junit XML ({error})"}
+    results = []
+    for case in root.iter("testcase"):
+        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+        failure, error, skipped = case.find("failure"), case.find("error"), case.find("skipped")
+        if failure is not None or error is not None:
+            node = failure if failure is not None else error
+            message = (node.get("message") or node.text or "").strip().splitlines()
+            results.append((test_id, "failed" if failure is not None else "errors",
+                            message[0] if message else ""))
+        elif skipped is not None:
+            outcome = "xfailed" if "xfail" in (skipped.get("type") or "") else "skipped"
+            results.append((test_id, outcome, (skipped.get("message") or "").strip()))
+        else:
+            results.append((test_id, "passed", ""))
+    return classify_tests(results, device_count, allow)
+
+
+def classify_tests(results, device_count, allow):
+    """Counts and lists from (test id, outcome, message) triples; see parse_junit."""
     allowed = [re.compile(p, re.I) for p in (HARDWARE_SKIPS if device_count < 2 else []) + allow]
     out = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "xfailed": 0,
            "cuda_passed": 0, "failures": [], "cuda_skipped": [], "allowed_skipped": [],
            "other_skipped": []}
-    for case in root.iter("testcase"):
+    for test_id, outcome, message in results:
         out["tests"] += 1
-        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
         is_cuda = re.search(r"cuda|gpu", test_id, re.I)
         # A test that ran on the GPU: test_cuda.py's, or one parametrized with the device "cuda".
-        ran_on_gpu = re.search(r"(^|\.)test_cuda::|[\[\-]cuda[\]\-]", test_id)
-        failure = case.find("failure")
-        error = case.find("error")
-        skipped = case.find("skipped")
-        if failure is not None or error is not None:
-            node = failure if failure is not None else error
-            out["failed" if failure is not None else "errors"] += 1
-            message = (node.get("message") or node.text or "").strip().splitlines()
-            out["failures"].append(f"{test_id}: {message[0][:300] if message else ''}")
-        elif skipped is not None:
-            reason = (skipped.get("message") or "").strip()
-            if "xfail" in (skipped.get("type") or ""):
-                out["xfailed"] += 1
-                continue
+        ran_on_gpu = re.search(r"(^|[./])test_cuda(\.py)?::|[\[\-]cuda[\]\-]", test_id)
+        if outcome in ("failed", "errors"):
+            out[outcome] += 1
+            out["failures"].append(f"{test_id}: {message[:300]}")
+        elif outcome == "xfailed":
+            out["xfailed"] += 1
+        elif outcome == "skipped":
             out["skipped"] += 1
-            entry = f"{test_id}: {reason}"
-            if is_cuda or re.search(r"cuda|gpu", reason, re.I):
-                bucket = "allowed_skipped" if any(a.search(reason) for a in allowed) else \
+            entry = f"{test_id}: {message}"
+            if is_cuda or re.search(r"cuda|gpu", message, re.I):
+                bucket = "allowed_skipped" if any(a.search(message) for a in allowed) else \
                     "cuda_skipped"
             else:
                 bucket = "other_skipped"
@@ -617,8 +649,26 @@ def parse_junit(path, device_count, allow):
             if ran_on_gpu:
                 out["cuda_passed"] += 1
     for key in ("failures", "cuda_skipped", "allowed_skipped", "other_skipped"):
+        out[f"{key}_count"] = len(out[key])
         out[key] = out[key][:200]
     return out
+
+
+def parse_pytest_log(path, device_count, allow):
+    """The outcomes of pytest -v's lines "path::test[params] OUTCOME (reason)"."""
+    results = []
+    try:
+        text = open(path, errors="replace").read()
+    except OSError as error:
+        return {"error": f"no test log ({error})"}
+    pattern = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?: \((.*)\))?")
+    names = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors",
+             "SKIPPED": "skipped", "XFAIL": "xfailed"}
+    for line in text.splitlines():
+        m = pattern.match(line.strip())
+        if m:
+            results.append((m.group(1), names[m.group(2)], m.group(3) or ""))
+    return classify_tests(results, device_count, allow)
 
 
 SUMMARY_LINE = re.compile(r"ERROR SUMMARY: (\d+) errors?")
@@ -682,10 +732,11 @@ def parse_sanitizer_log(path):
     return result
 
 
-def listed(items, limit=15):
+def listed(items, limit=15, total=None):
     items = list(items)
-    more = [f"... and {len(items) - limit} more (summary.json lists up to 200)"] if len(
-        items) > limit else []
+    total = len(items) if total is None else total
+    more = [f"... and {total - limit} more (summary.json lists up to 200)"] if total > limit \
+        else []
     return [f"- {x}" for x in items[:limit]] + ([f"- {more[0]}"] if more else [])
 
 
@@ -722,10 +773,11 @@ def render_summary(result):
         if s["name"] == "tests" and s.get("summary"):
             t = s["summary"]
             if t.get("failures"):
-                lines += ["", "## Test failures", ""] + listed(t["failures"], 40)
+                lines += ["", "## Test failures", ""] + listed(t["failures"], 40,
+                                                                 t.get("failures_count"))
             if t.get("cuda_skipped"):
                 lines += ["", "## CUDA tests skipped (a failure here)", ""] + listed(
-                    t["cuda_skipped"])
+                    t["cuda_skipped"], total=t.get("cuda_skipped_count"))
         if s.get("sanitizer"):
             z = s["sanitizer"]
             if z["examples"] or z["tool_messages"]:
@@ -772,7 +824,8 @@ def main(argv=None):
                         help="scratch folder for the build and the logs (default: a fresh "
                              "folder under /tmp)")
     parser.add_argument("--budget", type=float, default=float(os.environ.get(
-        "GPU_CHECK_BUDGET_S", 540)), help="seconds for everything (default 540)")
+        "GPU_CHECK_BUDGET_S", 560)), help="seconds for everything (default 560, inside the "
+        "device machine's 600 s limit for one command)")
     parser.add_argument("--build-timeout", type=float, default=330)
     parser.add_argument("--check-timeout", type=float, default=260,
                         help="seconds for the tests and the sanitizers, which run together")

@@ -812,10 +812,14 @@ def plan(features, only):
     return selected
 
 
-def run_paths(ctx, selected, max_failures_shown, stop_after_s):
+def run_paths(ctx, selected, max_failures_shown, stop_after_s, progress=None):
+    """Runs the selected paths; progress(results) after each (the JSON is rewritten, so that a
+    run cut short keeps what it did)."""
     results = []
     start = time.monotonic()
     for name, needs, builder, missing in selected:
+        if progress is not None:
+            progress(results)
         entry = {"path": name, "needs": list(needs)}
         if missing:
             entry.update(status="skipped", reason="; ".join(missing))
@@ -947,7 +951,9 @@ def main(argv=None):
         counter = None
     t0 = time.monotonic()
     try:
-        report["paths"] = run_paths(ctx, selected, args.show, args.max_seconds)
+        report["paths"] = run_paths(ctx, selected, args.show, args.max_seconds,
+                                    lambda done: _write(args.json, {**report, "paths": done,
+                                                                    "partial": True}))
     finally:
         if counter is not None:
             counter.__exit__(None, None, None)
