@@ -149,12 +149,14 @@ def device_arguments(p):
 def run_arguments(p, epochs=10, batch_size=64, seed=0):
     """The training and output options; `seed` None: --seed S is short for --seeds S."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=epochs, metavar="N", help="(default: %(default)s)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
+                   help="(default: %(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
                    help="global batch, split across torchrun ranks (default: %(default)s)")
-    g.add_argument("--lr", type=positive_float, default=1e-3,
+    g.add_argument("--lr", type=positive_float, default=1e-3, metavar="LR",
                    help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--weight-decay", type=weight, default=0.0, metavar="WD", help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=weight, default=0.0, metavar="WD",
+                   help="(default: %(default)s)")
     g.add_argument("--seed", type=seed_type, default=seed, metavar="S",
                    help="the same as --seeds SEED" if seed is None
                    else "seed of initialisation and order (default: %(default)s)")
@@ -250,6 +252,8 @@ def _claim(args, names, files=()):
     (see train.check_out); refuses otherwise."""
     from .train import check_out
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a directory")
     for name in names:
         check_out(args.out, name, args.resume, args.overwrite)
     for path in files:
@@ -656,7 +660,8 @@ def cmd_demo(args):
     gains = [d["test"]["accuracy"] - a["test"]["accuracy"]
              for d, a in zip(runs["distilled student"], runs["student alone"])]
     report.save_figure(figure, os.path.join(args.out, "curves.png"))
-    report.write_text(os.path.join(args.out, "results.md"), f"`{command}`\n\n{summary}\n\n{table}\n")
+    report.write_text(os.path.join(args.out, "results.md"),
+                      f"`{command}`\n\n{summary}\n\n{table}\n")
     report.write_json(os.path.join(args.out, "demo.json"), {
         "command": command, "seconds": seconds, "seeds": seeds,
         "test": {label: [m["test"] for m in ms] for label, ms in runs.items()},

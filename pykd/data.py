@@ -193,6 +193,7 @@ def load_dataset(spec="digits", data_seed=0, val_fraction=0.15, test_fraction=0.
     _check_fraction("val_fraction", val_fraction, low_open=False)
     _check_fraction("test_fraction", test_fraction, low_open=False)
     kind, _, path = spec.partition(":")
+    path = os.path.expanduser(path)  # a shell leaves the ~ of folder:~/images as it is
     if kind == "digits" and not path:
         x, y, test_x, test_y, classes = _read_digits()
     elif kind == "cifar10" and path:

@@ -658,6 +658,11 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                 if show:
                     batches.set_postfix(loss=f"{loss.item():.4f}")
             loss_sum, ce_sum, kd_sum, correct, count = _all_reduce(ctx, sums).tolist()
+            if not math.isfinite(loss_sum):
+                raise ValueError(
+                    f"the training loss became {loss_sum / count} in epoch {epoch + 1}: the run "
+                    f"diverged (a smaller --lr may help); "
+                    + (f"{saved[0]} holds epoch {saved[1]}" if saved[0] else "nothing was saved"))
             val = evaluate(model, splits.val_x, splits.val_y, splits.num_classes, ctx,
                            bf16=config.bf16)
             record = {
@@ -769,6 +774,11 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     """
     files = run_files(out_dir, name)
     source = check_out(out_dir, name, resume, overwrite)
+    if teacher_path is not None and any(
+            os.path.exists(f) and os.path.samefile(teacher_path, f)
+            for f in (files["checkpoint"], files["partial"])):
+        raise CheckpointError(f"run {name!r} in {out_dir} would write over its own --teacher "
+                              f"{teacher_path}: choose another --name or --out")
     ctx = context(device)
     teacher, teacher_record = None, None
     if teacher_path is not None:

@@ -142,3 +142,9 @@ def test_a_class_without_training_images():
         load_dataset("digits", train_fraction=0.001)
     with pytest.raises(DataError, match="class '.' has no image in the training split"):
         load_dataset("digits", train_fraction=0.0043)  # some classes 1, some 0
+
+
+def test_folder_path_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_folder(tmp_path / "images")
+    assert load_dataset("folder:~/images").classes == ["forest", "river"]

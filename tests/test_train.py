@@ -349,3 +349,19 @@ def test_comparison_table_has_no_latency():
                                       {"parameters": 10, "size_bytes": 2048, "macs": 3e6})])
     assert "| student | 0.8500 ± 0.0707 | 0.8000 ± 0.0000 |" in table
     assert "ms" not in table
+
+
+def test_a_diverged_run_stops(splits, tmp_path):
+    class Diverging(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1)) * float("nan")
+
+    path = str(tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="the training loss became nan in epoch 1: the run "
+                       "diverged .*nothing was saved"):
+        fit(Diverging(), splits, config(epochs=2), checkpoint=path)
+    assert not os.path.exists(path)
