@@ -146,6 +146,8 @@ def _kd_loss_setup_context(ctx, inputs, output):
 
 
 def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
+    if grad_loss is None:  # only the (non-differentiable) gradient outputs were used
+        return (None,) * 11
     needs_student, needs_teacher = ctx.needs_input_grad[:2]
     if (needs_student and not ctx.student_grad) or (needs_teacher and not ctx.teacher_grad):
         raise RuntimeError(
