@@ -167,7 +167,7 @@ try:
                     device_count=torch.cuda.device_count())
 except Exception as e:
     info["torch_error"] = repr(e)
-for mod in ("triton", "liger_kernel", "pytest", "numpy", "pytest_timeout"):
+for mod in ("triton", "liger_kernel", "pytest", "numpy", "pytest_timeout", "xdist"):
     try:
         m = __import__(mod)
         info[mod] = getattr(m, "__version__", "yes")
@@ -389,8 +389,18 @@ sys.exit(f"no CUDA kernel for: {missing}" if missing or not ops else 0)
                f"--junitxml={junit}", "--durations=15", "tests"]
         if self.facts.get("pytest_timeout"):
             cmd.insert(-1, "--timeout=240")
+        env = None
+        workers = self.args.pytest_workers
+        if workers and self.facts.get("xdist"):
+            # The CPU tests (training runs, gradcheck) take most of the suite's time; a file per
+            # worker keeps each module's fixtures (a trained teacher) computed once.
+            cmd[-1:-1] = ["-n", str(workers), "--dist", "loadfile"]
+            threads = max(2, (os.cpu_count() or 8) // (workers + 2))
+            env = self.env(OMP_NUM_THREADS=str(threads))
+        elif workers:
+            self.skipped.append("tests run serially: pytest-xdist is not installed")
         cmd[-1:-1] = self.args.pytest_args
-        return self.spawn(cmd, log), log, junit
+        return self.spawn(cmd, log, env=env), log, junit
 
     def finish_tests(self, rc, log, junit, t0):
         summary = parse_junit(junit, self.facts.get("device_count") or 0, self.args.allow_skip)
@@ -661,13 +671,20 @@ def parse_pytest_log(path, device_count, allow):
         text = open(path, errors="replace").read()
     except OSError as error:
         return {"error": f"no test log ({error})"}
+    # "tests/x.py::t[p] PASSED (reason)", or under xdist "[gw0] [ 3%] PASSED tests/x.py::t[p]"
     pattern = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)(?: \((.*)\))?")
+    xdist = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) "
+                       r"(\S+::\S+)")
     names = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors",
              "SKIPPED": "skipped", "XFAIL": "xfailed"}
     for line in text.splitlines():
         m = pattern.match(line.strip())
         if m:
             results.append((m.group(1), names[m.group(2)], m.group(3) or ""))
+            continue
+        m = xdist.match(line.strip())
+        if m:
+            results.append((m.group(2), names[m.group(1)], ""))
     return classify_tests(results, device_count, allow)
 
 
@@ -840,6 +857,8 @@ def main(argv=None):
     parser.add_argument("--allow-skip", action="append", default=[],
                         help="a regular expression of CUDA skip reasons not to fail on")
     parser.add_argument("--pytest-args", type=shlex.split, default=[])
+    parser.add_argument("--pytest-workers", type=int, default=4,
+                        help="pytest-xdist workers when it is installed (0: one process)")
     parser.add_argument("--bench-args", type=shlex.split, default=[])
     parser.add_argument("--invoked-by", default=None)
     parser.add_argument("--exercise-device", default="cuda",
