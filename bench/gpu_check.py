@@ -11,8 +11,9 @@ From a checkout on a machine with torch (a CUDA build), nvcc, compute-sanitizer 
             MAX_JOBS = all cores, TORCH_CUDA_ARCH_LIST = this GPU's capability, CUDA_HOME from
             nvcc's location, FORCE_CUDA=1, ptxas -v in the log; then checks that every pykd op
             has a CUDA kernel
-4. tests    pytest -rs over tests/ (junit XML); fails if a test failed or any CUDA test skipped
-            (a skip that needs hardware this machine lacks, e.g. two GPUs, is listed, not failed)
+4. tests    pytest -rs -v over tests/ (junit XML; pytest-xdist, a file per worker, when it is
+            installed); fails if a test failed, none ran on the GPU or any CUDA test skipped (a
+            skip that needs hardware this machine lacks, e.g. two GPUs, is listed, not failed)
 5. sanitize compute-sanitizer memcheck, racecheck, initcheck and synccheck over
             bench/gpu_exercise.py (every CUDA kernel path, small sizes), all four in parallel with
             the tests, beside one plain run of the exercise; caching allocator off, so that each
