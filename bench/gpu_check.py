@@ -490,9 +490,18 @@ if missing or not ops:
             helptext = self.capture([self.facts["sanitizer"], "--help"], timeout=30)
             self._filter = (["--kernel-name", "kernel_substring=pykd"]
                             if "--kernel-name" in helptext else [])
+            if self._filter:  # the syntax, tried on a program without CUDA: exit 0 if accepted
+                try:
+                    ok = subprocess.run([self.facts["sanitizer"], *self._filter, "true"],
+                                        capture_output=True, timeout=60).returncode == 0
+                except (OSError, subprocess.TimeoutExpired):
+                    ok = False
+                if not ok:
+                    self._filter = []
             if not self._filter:
-                self.skipped.append("compute-sanitizer has no --kernel-name filter: every "
-                                    "kernel (torch's too) instrumented")
+                self.skipped.append("compute-sanitizer has no --kernel-name filter, or refused "
+                                    "kernel_substring=pykd: every kernel (torch's too) "
+                                    "instrumented")
         return self._filter
 
     def finish_exercise(self, name, rc, log, extra, t0):
