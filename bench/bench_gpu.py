@@ -909,7 +909,8 @@ def main():
     parser.add_argument("--budget-s", type=float, default=600,
                         help="stop starting compiled forms when less than --compile-reserve-s "
                              "of this is left")
-    parser.add_argument("--compile-reserve-s", type=float, default=25)
+    parser.add_argument("--compile-reserve-s", type=float, default=45,
+                        help="start no compiled form with less time than this left")
     parser.add_argument("--shapes", type=lambda s: s.split(","), default=None,
                         help="comma-separated, e.g. 16384x32000,8x2048x128256")
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=list(DTYPES))

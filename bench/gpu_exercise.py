@@ -197,10 +197,12 @@ def divergence_rows(s, t, temperature, beta, keep=None):
         keep.update(ps=ps.detach(), pt=pt.detach(), log_ps=log_ps.detach(),
                     log_pt=log_pt.detach())
     zero = torch.zeros_like(ps)
+    # Both logarithms masked where the selecting probability is 0: the branch torch.where drops
+    # must stay finite, or its backward gives 0 * inf = NaN.
     if beta == 0:
-        terms = torch.where(pt > 0, pt * (_safe_log(pt, log_pt) - log_ps), zero)
+        terms = torch.where(pt > 0, pt * (_safe_log(pt, log_pt) - _safe_log(pt, log_ps)), zero)
     elif beta == 1:
-        terms = torch.where(ps > 0, ps * (_safe_log(ps, log_ps) - log_pt), zero)
+        terms = torch.where(ps > 0, ps * (_safe_log(ps, log_ps) - _safe_log(ps, log_pt)), zero)
     else:
         m = beta * pt + (1 - beta) * ps
         log_m = _safe_log(m, torch.log(torch.where(m > 0, m, torch.ones_like(m))))
@@ -225,16 +227,17 @@ def reference_kd(s, t, temperature=1.0, reduction="batchmean", beta=0.0, labels=
     if keep is not None:
         keep["soft"] = soft
     if labels is None:
-        valid = torch.ones(n, dtype=torch.bool)
+        valid = torch.ones(n, dtype=torch.bool, device=s.device)
     else:
-        valid = labels.reshape(-1).cpu() != ignore_index
+        valid = labels.reshape(-1).to(s.device) != ignore_index
     count = valid.sum().clamp(min=1).double()
     if mask_soft:
         per_row = soft_weight * torch.where(valid, soft, torch.zeros_like(soft))
     else:
         per_row = soft_weight * soft
     if hard_weight:
-        target = torch.where(valid, labels.reshape(-1).cpu(), torch.zeros_like(valid, dtype=torch.long))
+        target = torch.where(valid, labels.reshape(-1).to(s.device),
+                             torch.zeros_like(valid, dtype=torch.long))
         ce = -F.log_softmax(s2, dim=-1).gather(1, target[:, None])[:, 0]
         hard = hard_weight * torch.where(valid, ce, torch.zeros_like(ce))
     if reduction == "none":
@@ -260,8 +263,8 @@ def rounding_slack(keep, row_weight, temperature, eps):
     return [scale * (ps * size + pt), scale * (pt * size + ps)]
 
 
-def leaf(x, requires_grad, dtype=torch.float64):
-    return x.detach().cpu().to(dtype).requires_grad_(requires_grad)
+def leaf(x, requires_grad, dtype=torch.float64, device="cpu"):
+    return x.detach().to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
 def leaf64(x, requires_grad):
@@ -285,13 +288,14 @@ def compare(name, actual, expected, dtype, zero_scale=1e-30, slack=None):
     if tuple(actual.shape) != tuple(expected.shape):
         raise CheckError(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
     rtol, atol = TOLERANCES[dtype]
-    a, e = actual.detach().cpu().double(), expected.detach().double()
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     finite = e[torch.isfinite(e)]
     largest = finite.abs().max().item() if finite.numel() else 1.0
     scale = largest if largest > 0 else zero_scale
     allowed = rtol * e.abs() + atol * scale
     if slack is not None:
-        allowed = allowed + torch.nan_to_num(slack.detach().double().abs(), nan=0.0, posinf=0.0)
+        allowed = allowed + torch.nan_to_num(slack.detach().cpu().double().abs(), nan=0.0,
+                                             posinf=0.0)
     diff = (a - e).abs()
     ok = (a == e) | (torch.isnan(a) & torch.isnan(e)) | (diff <= allowed)
     if not bool(ok.all()):
@@ -392,8 +396,10 @@ def kd_case(label, *, shape, dtypes, temperature=2.0, beta=0.0, reduction="batch
                 backward_and_grads(loss, w.to(device=loss.device, dtype=loss.dtype), [s, t])
             return
         ref_reduction = "batchmean" if module is not None else reduction
-        # The reference in float64, and in float32 for the rounding allowance (TOLERANCES).
-        leaves = {d: (leaf(s, grads[0], d), leaf(t, grads[1], d))
+        # The reference in float64, and in float32 for the rounding allowance (TOLERANCES), on
+        # the inputs' device (torch's own kernels; a GPU's float64 is fast).
+        dev = s.device
+        leaves = {d: (leaf(s, grads[0], d, dev), leaf(t, grads[1], d, dev))
                   for d in (torch.float64, torch.float32)}
         keep = {}
         refs = {d: reference_kd(*leaves[d], temperature, ref_reduction, beta, labels,
@@ -420,10 +426,10 @@ def kd_case(label, *, shape, dtypes, temperature=2.0, beta=0.0, reduction="batch
             return
         w = upstream_like(expected, upstream, gen)
         got = backward_and_grads(loss, w.to(device=loss.device, dtype=loss.dtype), [s, t])
-        want = {d: backward_and_grads(refs[d], w.to(d), list(leaves[d]),
+        want = {d: backward_and_grads(refs[d], w.to(device=dev, dtype=d), list(leaves[d]),
                                       retain_graph=d == torch.float64) for d in leaves}
         (row_weight,) = torch.autograd.grad(refs[torch.float64], [keep["soft"]],
-                                            grad_outputs=w, allow_unused=True)
+                                            grad_outputs=w.to(dev), allow_unused=True)
         if row_weight is None:  # soft_weight 0
             row_weight = torch.zeros_like(keep["soft"])
         eps = 2.0**-52 if torch.float64 in (ds, dt) else 2.0**-23
@@ -584,21 +590,20 @@ def upstream_cases(ctx):
 def kdloss_cases(ctx):
     cases = []
     betas = (0.0, 0.5, 1.0) if ctx.has("KDLoss.beta") else (0.0,)
-    fractions = ((0.25, "quarter"), (0.0, "none"))
+    combos = [((0.25, "quarter"), (0.5, 0.5)), ((0.25, "quarter"), (0.0, 1.0)),
+              ((0.25, "quarter"), (1.0, 0.0)), ((0.0, "none"), (0.5, 0.5))]
     if ctx.has("KDLoss.beta"):  # before the one-pass KDLoss, all-masked labels give NaN
-        fractions += ((1.0, "all"),)
+        combos.append(((1.0, "all"), (0.5, 0.5)))
     for beta in betas:
         for pair in [(torch.float32,) * 2, (torch.bfloat16,) * 2,
                      (torch.bfloat16, torch.float32)]:
             for c in [2, 10, 1000, 4099, 50257]:
                 shape = (rows_for(c), c)
-                for fraction, what in fractions:
-                    for weights in ((0.5, 0.5), (0.0, 1.0), (1.0, 0.0)):
-                        cases.append(kd_case(
-                            kd_label("KDLoss", shape, pair, beta=beta, masked=what,
-                                     weights=weights),
-                            shape=shape, dtypes=pair, beta=beta, masked_rows=fraction,
-                            module=weights, temperature=4.0))
+                for (fraction, what), weights in combos:
+                    cases.append(kd_case(
+                        kd_label("KDLoss", shape, pair, beta=beta, masked=what, weights=weights),
+                        shape=shape, dtypes=pair, beta=beta, masked_rows=fraction,
+                        module=weights, temperature=4.0))
     return cases
 
 
@@ -965,8 +970,8 @@ def main(argv=None):
         report["ops_never_seen_on_device"] = [n for n in ops if n not in called]
         print("pykd ops seen: " + (", ".join(f"{k} x{v}" for k, v in seen.items()) or "none"))
         if report["ops_never_seen_on_device"]:
-            print("pykd ops registered but never seen on the device (the backward runs on "
-                  "autograd's own thread, which a dispatch mode may not see): "
+            print("pykd ops registered but never seen on the device (not called by these paths, "
+                  "or called on autograd's own thread, which a dispatch mode may not see): "
                   + ", ".join(report["ops_never_seen_on_device"]))
     failed = [p for p in report["paths"] if p["status"] == "failed"]
     skipped = [p for p in report["paths"] if p["status"] in ("skipped", "not run")]
