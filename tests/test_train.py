@@ -365,3 +365,11 @@ def test_a_diverged_run_stops(splits, tmp_path):
                        "diverged .*nothing was saved"):
         fit(Diverging(), splits, config(epochs=2), checkpoint=path)
     assert not os.path.exists(path)
+
+
+def test_tensorboard_missing_is_one_error(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+        train.EpochLog("net", tensorboard_dir=str(tmp_path))
