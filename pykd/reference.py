@@ -41,8 +41,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        count = rows.numel() if valid is None else valid.sum()
-        loss = rows.sum() / max(count, 1) if valid is None else rows.sum() / valid.sum().clamp(min=1)
+        count = max(rows.numel(), 1) if valid is None else valid.sum().clamp(min=1)
+        loss = rows.sum() / count
     return loss.to(dtype)
 
 

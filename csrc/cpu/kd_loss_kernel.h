@@ -159,7 +159,7 @@ template <typename acc_t>
 struct Launch {
   acc_t inv_temp;
   acc_t soft_scale;   // soft_weight * T^2: a row's divergence in its loss
-  acc_t grad_soft;    // soft_weight * T / D: d loss / d x' = grad_soft * T ... see kd_grad()
+  acc_t grad_soft;    // soft_weight * T / D: a class's soft gradient is grad_soft * (w - p * sum w)
   acc_t grad_hard;    // hard_weight / D
   acc_t hard_weight;
   bool hard;          // hard_weight > 0
