@@ -63,6 +63,8 @@ def scale_saved_grads(grads, grad_output):
     ``grad * grad_output`` in each gradient's dtype, which the compiler fuses.
     """
     grads = list(grads)
+    if grad_output is None:  # no gradient reached the loss (save_grads_for_backward turns off
+        return [None] * len(grads)  # materialize_grads): no input gets one either
     if _functional_backward or _traced([grad_output, *grads]):
         scale = grad_output if grad_output.dim() == 0 else grad_output.unsqueeze(-1)
         return [(g * scale).to(g.dtype) for g in grads]
@@ -200,12 +202,13 @@ def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
             "torch.ops.pykd.hint_loss with student_grad/teacher_grad set for the features that "
             "require grad (pykd.hint_loss does this)"
         )
-    if grad_loss is None:  # the loss is the only differentiable output: not expected
-        return None, None, None, None, None
-    grads = scale_saved_grads(saved_grads(ctx, "hint_loss"), grad_loss)
 
     def masked(grads, needs):  # a list not asked for came back empty
         return [g if need else None for g, need in zip(grads or [None] * len(needs), needs)]
+
+    if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
+        return masked([], student_needs), masked([], teacher_needs), None, None, None
+    grads = scale_saved_grads(saved_grads(ctx, "hint_loss"), grad_loss)
 
     return (
         masked(grads[: ctx.student_grads], student_needs),
