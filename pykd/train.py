@@ -574,7 +574,8 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                                  weight_decay=config.weight_decay)
     # Every argument explicit: a change of KDLoss's defaults must not change what runs train.
     kd = KDLoss(temperature=config.temperature, soft_weight=config.soft_weight,
-                hard_weight=config.hard_weight, ignore_index=-100, beta=0.0)
+                hard_weight=config.hard_weight, ignore_index=-100, beta=0.0,
+                reduction="batchmean")
 
     history, start_epoch = [], 0
     run_id = meta.get("run_id") or uuid.uuid4().hex
