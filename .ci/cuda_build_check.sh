@@ -71,7 +71,10 @@ PY
 echo "== tests against the CUDA build"
 status=0
 # PYTHONPATH: tests that start a Python of their own import this build too.
-(cd "$src" && PYTHONPATH="$src" "$py" -m pytest -q -p no:cacheprovider tests) || status=$?
+# The package-metadata test needs an installed pykd; this build is in place, not installed (the
+# README's install above runs that test).
+(cd "$src" && PYTHONPATH="$src" "$py" -m pytest -q -p no:cacheprovider tests \
+  --deselect tests/test_cli.py::test_version_and_package_metadata) || status=$?
 if [ "$status" -eq 5 ]; then
   echo "cuda build check: pytest collected no tests" >&2
   exit 1
