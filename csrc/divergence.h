@@ -7,6 +7,7 @@
 //   static V unless_zero(V x, V value);      0 where x == 0, else value (0 * log 0 = 0; a NaN
 //                                            probability stays NaN)
 //   static V log(V x);
+//   static V max(V a, V b);                  NaN where either is NaN
 // and V supports + - * with V and construction from a scalar.
 //
 // Conventions (SPEC section 1): x' = x / T; p_t = softmax(t'), p_s = softmax(s'). For each class
@@ -18,6 +19,8 @@
 // is w itself and needs no second look at the row. The driver multiplies by T (d x'/d x = 1/T,
 // times the T^2 of the loss) and by the row's weight (soft_weight / D, 0 for a masked row).
 #pragma once
+
+#include <cmath>
 
 #if defined(__CUDACC__)
 #define PYKD_HOST_DEVICE __host__ __device__ __forceinline__
@@ -73,11 +76,17 @@ template <typename acc_t>
 struct JensenShannon {
   static constexpr bool kStudentDirect = false;
   static constexpr bool kTeacherDirect = false;
-  acc_t beta;
+  acc_t beta, log_beta, log_one_minus_beta;
+  explicit JensenShannon(acc_t beta_)
+      : beta(beta_), log_beta(std::log(beta_)), log_one_minus_beta(std::log1p(-beta_)) {}
   template <typename M, typename V>
   PYKD_HOST_DEVICE DivergenceTerms<V> terms(const ClassTerms<V>& c) const {
     const V b(beta), one_minus_b(acc_t(1) - beta);
-    const V log_m = M::log(b * c.p_t + one_minus_b * c.p_s);
+    // log m is at least log(beta p_t) and log((1 - beta) p_s): taken from the log-probabilities,
+    // those bounds stay finite where m itself underflows (a tiny p_t or p_s whose share of m
+    // rounds to 0), which would otherwise give an infinite term and a NaN gradient.
+    const V log_m = M::max(M::log(b * c.p_t + one_minus_b * c.p_s),
+                           M::max(V(log_beta) + c.log_p_t, V(log_one_minus_beta) + c.log_p_s));
     const V teacher = M::unless_zero(c.p_t, b * c.p_t * (c.log_p_t - log_m));
     const V student = M::unless_zero(c.p_s, one_minus_b * c.p_s * (c.log_p_s - log_m));
     return {teacher + student, student, teacher};
@@ -93,7 +102,7 @@ decltype(auto) dispatch_divergence(double beta, const F& f) {
   if (beta == 1) {
     return f(ReverseKL{});
   }
-  return f(JensenShannon<acc_t>{static_cast<acc_t>(beta)});
+  return f(JensenShannon<acc_t>(static_cast<acc_t>(beta)));
 }
 
 }  // namespace pykd

@@ -1,4 +1,6 @@
 """Pure-PyTorch references for every pykd op, used by the tests and the benchmarks alike."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +28,7 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     elif beta == 1:
         divergence = kl(ps, log_ps, log_pt)
     else:
-        log_m = torch.log(beta * pt + (1 - beta) * ps)
+        log_m = torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
         divergence = beta * kl(pt, log_pt, log_m) + (1 - beta) * kl(ps, log_ps, log_m)
     rows = soft_weight * temperature**2 * divergence
     if hard_weight != 0:
@@ -46,21 +48,35 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     return loss.to(dtype)
 
 
-def tutorial_kd_loss(student_logits, teacher_logits, temperature=1.0):
-    """The PyTorch knowledge-distillation tutorial's soft-target loss, as written there."""
+def _masked_batchmean(rows, labels, ignore_index):
+    """sum over the rows whose label is not ignore_index, divided by their number (0 if none)."""
+    valid = labels != ignore_index
+    return torch.where(valid, rows, torch.zeros_like(rows)).sum() / valid.sum().clamp(min=1)
+
+
+def tutorial_kd_loss(student_logits, teacher_logits, temperature=1.0, labels=None,
+                     ignore_index=-100):
+    """The PyTorch knowledge-distillation tutorial's soft-target loss, as written there; with
+    labels, its per-row terms masked as for token-level distillation."""
     soft_targets = F.softmax(teacher_logits / temperature, dim=-1)
     soft_prob = F.log_softmax(student_logits / temperature, dim=-1)
+    terms = soft_targets * (soft_targets.log() - soft_prob)
+    if labels is not None:
+        return _masked_batchmean(terms.sum(-1), labels, ignore_index) * temperature**2
     rows = soft_prob.numel() // soft_prob.shape[-1]
-    return (
-        torch.sum(soft_targets * (soft_targets.log() - soft_prob)) / rows * temperature**2
-    )
+    return torch.sum(terms) / rows * temperature**2
 
 
-def kl_div_kd_loss(student_logits, teacher_logits, temperature=1.0):
-    """The same loss through F.kl_div on log-probabilities (log_target=True)."""
+def kl_div_kd_loss(student_logits, teacher_logits, temperature=1.0, labels=None,
+                   ignore_index=-100):
+    """The same loss through F.kl_div on log-probabilities (log_target=True); with labels,
+    F.kl_div's per-element terms summed per row and masked."""
     classes = student_logits.shape[-1]
     log_ps = F.log_softmax(student_logits.reshape(-1, classes) / temperature, dim=-1)
     log_pt = F.log_softmax(teacher_logits.reshape(-1, classes) / temperature, dim=-1)
+    if labels is not None:
+        rows = F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1)
+        return _masked_batchmean(rows, labels.reshape(-1), ignore_index) * temperature**2
     return (
         F.kl_div(log_ps, log_pt, log_target=True, reduction="batchmean") * temperature**2
     )

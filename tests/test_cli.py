@@ -625,11 +625,21 @@ def test_torchrun_two_processes(teacher, tmp_path):
 
 def test_bench_prints_a_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    table = ok(*run_cli(["bench", "--shapes", "64x10,8x300", "--dtypes", "float32",
-                         "--only", "eager_kl_div", "--repeats", "1", "--json", out])).stdout
-    assert "| 64 | 10 | float32 |" in table and "| 8 | 300 | float32 |" in table
+    args = ["bench", "--shapes", "64x10,2x4x300@0.25", "--dtypes", "float32",
+            "--only", "eager_kl_div", "--repeats", "1", "--json", out]
+    table = ok(*run_cli(args)).stdout
+    assert "| 64x10 | float32 |" in table and "| 2x4x300@0.25 | float32 |" in table
     rows = read_json(out)["rows"]
-    assert [(r["N"], r["C"]) for r in rows] == [(64, 10), (8, 300)]
+    assert [r["shape"] for r in rows] == ["64x10", "2x4x300@0.25"]
     assert all(r["pykd_ms"] > 0 and r["eager_kl_div_ms"] > 0 and r["copy_gbps"] > 0 for r in rows)
-    header = [line for line in table.splitlines() if line.startswith("| N |")]
+    # pykd keeps one gradient for the backward (fp32: 4 bytes an element), F.kl_div more.
+    assert all(r["pykd_saved_bytes"] == r["gradient_bytes"] for r in rows)
+    assert all(r["eager_kl_div_saved_bytes"] > r["gradient_bytes"] for r in rows)
+    header = [line for line in table.splitlines() if line.startswith("| shape |")]
     assert "pykd ms" in header[-1] and "eager_kl_div ms" in header[-1]
+    # An existing result is kept unless --overwrite is given.
+    before = out.read_bytes()
+    (refused,) = run_cli(args)
+    assert refused.returncode == 2 and "bench.json exists; pass --overwrite" in refused.stderr
+    assert out.read_bytes() == before
+    ok(*run_cli([*args, "--overwrite"]))

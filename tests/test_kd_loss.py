@@ -212,6 +212,19 @@ def test_reference_formulas_agree():
     torch.testing.assert_close(pykd.kd_loss(student, teacher, 3.0), expected)
 
 
+def test_masked_pytorch_forms_agree_with_the_reference():
+    # The benchmarks' masked token-level forms (4 x 6 rows, a quarter of them and one whole
+    # sequence position masked).
+    student = logits((4, 6, 50), torch.float64, "cpu", seed=31)
+    teacher = logits((4, 6, 50), torch.float64, "cpu", seed=32)
+    labels = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(3))
+    labels[:, 0] = -100
+    expected = reference.kd_loss(student, teacher, 2.0, labels=labels)
+    for form in (reference.tutorial_kd_loss, reference.kl_div_kd_loss):
+        torch.testing.assert_close(form(student, teacher, 2.0, labels), expected)
+        assert form(student, teacher, 2.0, torch.full_like(labels, -100)).item() == 0
+
+
 def test_mixed_dtypes_are_promoted():
     student = logits((4, 10), torch.bfloat16, "cpu", seed=23)
     teacher = logits((4, 10), torch.float32, "cpu", seed=24)
@@ -398,6 +411,18 @@ def test_one_class_is_exactly_zero(device, beta):
     )
     loss.sum().backward()
     assert (loss == 0).all() and (student.grad == 0).all() and (teacher.grad == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1.0, 20.0])
+def test_jensen_shannon_with_logits_far_apart_stays_finite(device, temperature):
+    # Logits thousands apart: probabilities underflow to 0 or to denormals whose share of m
+    # rounds to 0 (m = 0 < p_t gave an infinite term and NaN gradients).
+    student = logits((64, 50), torch.float32, device, scale=4e3, seed=37)
+    teacher = logits((64, 50), torch.float32, device, scale=4e3, seed=38)
+    for beta in (0.01, 0.5, 0.99):
+        loss, grad, _ = check_against_reference(student, teacher, temperature, beta=beta)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -122,6 +122,9 @@ struct VecMath {
   static V log(const V& x) {
     return x.log();
   }
+  static V max(const V& a, const V& b) {
+    return at::vec::maximum(a, b);
+  }
 };
 
 template <typename acc_t>

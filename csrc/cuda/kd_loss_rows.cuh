@@ -115,6 +115,12 @@ __device__ __forceinline__ double fma_acc(double a, double b, double c) {
   return ::fma(a, b, c);
 }
 
+// A maximum that keeps NaN (from either side), so that a NaN logit makes its row NaN.
+template <typename acc_t>
+__host__ __device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
+  return (a > b || a != a) ? a : b;
+}
+
 // divergence.h's math policy for one thread's element.
 template <typename acc_t>
 struct CudaMath {
@@ -125,13 +131,10 @@ struct CudaMath {
   static __host__ __device__ __forceinline__ V log(V x) {
     return log_acc(x);
   }
+  static __host__ __device__ __forceinline__ V max(V a, V b) {
+    return max_nan(a, b);
+  }
 };
-
-// A maximum that keeps NaN (from either side), so that a NaN logit makes its row NaN.
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
-  return (a > b || a != a) ? a : b;
-}
 
 // The exponent reference of a running maximum m: m * scale, or 0 while m is -inf (the sums are 0
 // then, and a very negative first maximum never makes exp2(-shift) overflow).
