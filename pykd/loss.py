@@ -33,7 +33,7 @@ def _fused_loss(student_logits, teacher_logits, labels, temperature, beta, soft_
     if labels is not None:
         _check_tensor("labels", labels)
     grad = torch.is_grad_enabled()
-    return ops.kd_loss(
+    return ops.kd_loss_with_autograd(
         student_logits, teacher_logits, labels, temperature, beta, soft_weight, hard_weight,
         ignore_index, reduction, grad and student_logits.requires_grad,
         grad and teacher_logits.requires_grad,

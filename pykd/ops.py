@@ -172,6 +172,34 @@ torch.library.register_autograd(
 )
 
 
+class _EagerKDLoss(torch.autograd.Function):
+    """The autograd registered above, for eager calls from pykd.kd_loss and KDLoss: the op runs
+    below autograd directly instead of through torch.library's wrapper, whose per-call handling
+    of the schema (filling in the defaults of 11 arguments) takes longer than the kernel itself
+    at the seeds' batch sizes. torch.compile traces the registered op instead."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = kd_loss(*inputs)
+        _kd_loss_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _kd_loss_backward(ctx, *grads)
+
+
+def kd_loss_with_autograd(*inputs):
+    """torch.ops.pykd.kd_loss(*inputs) with its autograd, the fastest way for the caller."""
+    if torch.compiler.is_compiling():
+        return kd_loss(*inputs)
+    if torch.is_grad_enabled() and (inputs[-2] or inputs[-1]):
+        return _EagerKDLoss.apply(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return kd_loss(*inputs)
+
+
 @torch.library.register_fake("pykd::hint_loss")
 def _hint_loss_fake(student_features, teacher_features, weights, student_grad, teacher_grad):
     first = student_features[0]

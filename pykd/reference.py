@@ -28,7 +28,9 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     elif beta == 1:
         divergence = kl(ps, log_ps, log_pt)
     else:
-        log_m = torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps)
+        m = beta * pt + (1 - beta) * ps  # where it underflows, log m from the log-probabilities
+        log_m = torch.where(m > 0, torch.log(torch.where(m > 0, m, 1.0)),  # no NaN in autograd
+                            torch.logaddexp(math.log(beta) + log_pt, math.log1p(-beta) + log_ps))
         divergence = beta * kl(pt, log_pt, log_m) + (1 - beta) * kl(ps, log_ps, log_m)
     rows = soft_weight * temperature**2 * divergence
     if hard_weight != 0:
