@@ -26,6 +26,25 @@ def _check_reduction(reduction):
         raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_settings(owner, temperature, soft_weight, hard_weight, beta, ignore_index):
+    """The settings of a loss module (KDLoss, FusedLinearKDLoss), checked and as Python numbers:
+    (temperature, soft_weight, hard_weight, beta, ignore_index)."""
+    temperature = _check_number(owner, "temperature", temperature)
+    soft_weight = _check_number(owner, "soft_weight", soft_weight)
+    hard_weight = _check_number(owner, "hard_weight", hard_weight)
+    beta = _check_number(owner, "beta", beta)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{owner}: temperature must be a finite number > 0, got {temperature}")
+    for name, weight in (("soft_weight", soft_weight), ("hard_weight", hard_weight)):
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {weight}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"{owner}: beta must be a number in [0, 1], got {beta}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{owner}: ignore_index must be an integer, got {ignore_index!r}")
+    return temperature, soft_weight, hard_weight, beta, int(ignore_index)
+
+
 def _fused_loss(student_logits, teacher_logits, labels, temperature, beta, soft_weight,
                 hard_weight, ignore_index, reduction):
     _check_tensor("student_logits", student_logits)
@@ -86,21 +105,10 @@ class KDLoss(nn.Module):
     def __init__(self, temperature=4.0, soft_weight=0.5, hard_weight=0.5, ignore_index=-100,
                  beta=0.0, reduction="batchmean"):
         super().__init__()
-        self.temperature = _check_number("KDLoss", "temperature", temperature)
-        self.soft_weight = _check_number("KDLoss", "soft_weight", soft_weight)
-        self.hard_weight = _check_number("KDLoss", "hard_weight", hard_weight)
-        self.beta = _check_number("KDLoss", "beta", beta)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"KDLoss: temperature must be a finite number > 0, got {temperature}")
-        for name, weight in (("soft_weight", self.soft_weight), ("hard_weight", self.hard_weight)):
-            if not (math.isfinite(weight) and weight >= 0):
-                raise ValueError(f"KDLoss: {name} must be a finite number >= 0, got {weight}")
-        if not 0 <= self.beta <= 1:
-            raise ValueError(f"KDLoss: beta must be a number in [0, 1], got {beta}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"KDLoss: ignore_index must be an integer, got {ignore_index!r}")
+        (self.temperature, self.soft_weight, self.hard_weight, self.beta,
+         self.ignore_index) = check_settings(
+            "KDLoss", temperature, soft_weight, hard_weight, beta, ignore_index)
         _check_reduction(reduction)
-        self.ignore_index = int(ignore_index)
         self.reduction = reduction
 
     def forward(self, student_logits, teacher_logits, labels=None):
