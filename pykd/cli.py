@@ -112,6 +112,7 @@ def _list(parse_one, what):
 
 
 seed_list = _list(seed_type, "seeds")
+model_list = _list(str, "model names")
 temperature_list = _list(positive_float, "temperatures")
 weight_list = _list(unit_weight, "weights")
 
@@ -178,7 +179,9 @@ def run_arguments(p, epochs=10, batch_size=64, seed=0):
                            help="replace the runs already in --out (once the new ones finish)")
 
 
-def loss_arguments(p, sweep=False):
+def loss_arguments(p, sweep=False, extras=True):
+    """The loss options; `sweep` leaves out the swept ones, `extras` False keeps only the KD
+    loss's (temperature, soft and hard weights)."""
     g = p.add_argument_group("distillation loss")
     if not sweep:
         g.add_argument("--temperature", type=positive_float, default=4.0, metavar="T",
@@ -187,6 +190,8 @@ def loss_arguments(p, sweep=False):
                        help="weight of T^2 * KL (default: %(default)s)")
         g.add_argument("--hard-weight", type=weight, default=0.5, metavar="W",
                        help="weight of the cross-entropy with the labels (default: %(default)s)")
+    if not extras:
+        return
     g.add_argument("--logit-weight", type=weight, default=0.0, metavar="W",
                    help="weight of the squared logit difference (default: %(default)s)")
     g.add_argument("--hint-weight", type=weight, default=0.0, metavar="W",
@@ -228,13 +233,13 @@ def _config(args, distilling, **overrides):
     values = {
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "weight_decay": args.weight_decay, "seed": args.seed, "bf16": args.bf16,
-        "progress": not args.no_progress, "nuclear_weight": args.nuclear_weight,
+        "progress": not args.no_progress, "nuclear_weight": getattr(args, "nuclear_weight", 0.0),
     }
     if distilling:
         for name in ("temperature", "soft_weight", "hard_weight", "logit_weight", "hint_weight"):
             if hasattr(args, name):
                 values[name] = getattr(args, name)
-        if args.hint_layers:
+        if getattr(args, "hint_layers", None):
             values["hint_layers"] = args.hint_layers
     values.update(overrides)
     config = TrainConfig(**values)
@@ -296,6 +301,30 @@ def _check_model(name, option):
         raise UsageError(f"{option}: {e}") from None
 
 
+def seeds_argument(p, what):
+    p.add_argument("--seeds", type=seed_list, default=[0], metavar="S,S,...",
+                   help=f"{what} per seed; the tables give mean ± std over them (default: 0)")
+
+
+def _seeds(args):
+    """--seeds, or [--seed] (run_arguments(seed=None) makes --seed short for --seeds)."""
+    if args.seed is None:
+        return args.seeds
+    if _given(args, "seeds"):
+        raise UsageError(f"--seed and --seeds both given: {args.command} trains once per seed in "
+                         "--seeds; pass only --seeds")
+    return [args.seed]
+
+
+def _students(args):
+    """--students, each a model that can be built; at least two."""
+    for name in args.students:
+        _check_model(name, "--students")
+    if len(args.students) < 2:
+        raise UsageError(f"--students {','.join(args.students)}: name at least 2 students")
+    return args.students
+
+
 def _run_name(args, default):
     """--name, or the default made a plain file name (a factory's ``module:function`` has a
     colon, which no file name should carry)."""
@@ -312,6 +341,13 @@ def _print_result(label, metrics):
     print(f"{label}: test accuracy {test['accuracy']:.4f}, macro F1 {test['f1']:.4f} "
           f"({metrics['history'][-1]['epoch'] if metrics['history'] else 0} epochs) "
           f"-> {metrics['checkpoint']}", flush=True)
+
+
+def _command_line(args):
+    """The command as typed (for a report's header), or its name alone when run otherwise."""
+    if sys.argv[1:2] == [args.command]:
+        return "pykd " + shlex.join(sys.argv[1:])
+    return f"pykd {args.command}"
 
 
 def _is_main():
@@ -589,9 +625,7 @@ def demo_arguments(p):
     p.add_argument("--teacher-fraction", type=fraction, default=1.0, metavar="F",
                    help="fraction of the training split the teacher learns from "
                    "(default: %(default)s)")
-    p.add_argument("--seeds", type=seed_list, default=[0], metavar="S,S,...",
-                   help="one student alone and one distilled student per seed (the teacher uses "
-                   "the first); the table gives mean ± std over them (default: 0)")
+    seeds_argument(p, "one student alone and one distilled student (the teacher uses the first)")
     data_arguments(p)
     p.set_defaults(train_fraction=DEMO["train_fraction"])
     run_arguments(p, epochs=DEMO["epochs"], batch_size=DEMO["batch_size"], seed=None)
@@ -606,14 +640,9 @@ def cmd_demo(args):
     from .train import run
 
     _device(args)
-    if args.seed is not None:
-        if _given(args, "seeds"):
-            raise UsageError("--seed and --seeds both given: the demo trains one pair of "
-                             "students per seed in --seeds; pass only --seeds")
-        args.seeds = [args.seed]
+    seeds = _seeds(args)
     _check_model(args.teacher_model, "--teacher-model")
     _check_model(args.student_model, "--student-model")
-    seeds = args.seeds
     teacher_config = _config(args, distilling=False, epochs=args.teacher_epochs, seed=seeds[0])
     for s in seeds:
         _config(args, distilling=True, seed=s)
@@ -649,7 +678,7 @@ def cmd_demo(args):
     table = report.comparison_table(
         [(label, [m["test"] for m in ms], ms[-1]["cost"]) for label, ms in runs.items()])
     seconds = time.perf_counter() - started
-    command = "pykd " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "pykd demo"
+    command = _command_line(args)
     summary = (f"{args.dataset}: teacher {args.teacher_model} on {len(teacher_splits.train_y)} "
                f"labelled training images ({args.teacher_epochs} epochs), students "
                f"{args.student_model} on {len(splits.train_y)} ({args.epochs} epochs); "
@@ -673,6 +702,184 @@ def cmd_demo(args):
           f"{len(gains)} seed(s); wrote {args.out}/results.md, curves.png, demo.json")
 
 
+def mutual_arguments(p):
+    p.add_argument("--students", required=True, type=model_list, metavar="NAME,NAME,...",
+                   help="the students that learn together (at least 2; names as for train "
+                   "--model)")
+    seeds_argument(p, "each student alone and the students together")
+    data_arguments(p)
+    run_arguments(p, seed=None)
+    loss_arguments(p, extras=False)
+    # Deep mutual learning's loss: cross-entropy plus KL towards the peers, at T = 1.
+    p.set_defaults(temperature=1.0, soft_weight=1.0, hard_weight=1.0)
+
+
+def cmd_mutual(args):
+    """Deep mutual learning: students trained together, against each trained alone."""
+    from . import report
+    from .train import member_files, run
+
+    _device(args)
+    seeds, students = _seeds(args), _students(args)
+    for seed in seeds:
+        _config(args, distilling=True, seed=seed)
+    names = [f"{s}-alone-seed{seed}" for seed in seeds for s in students]
+    names += [f"mutual-seed{seed}" for seed in seeds]
+    members = [os.path.basename(paths[kind]) for seed in seeds
+               for paths in member_files(args.out, f"mutual-seed{seed}", students)
+               for kind in ("checkpoint", "metrics")]
+    _claim(args, names, files=members + ["mutual.md", "mutual.json", "mutual.png"])
+    started = time.perf_counter()
+    splits, data = _load_data(args.dataset, args.data_seed, args.train_fraction)
+    options = _run_options(args)
+    alone = {s: [] for s in students}
+    together = {s: [] for s in students}
+    for seed in seeds:
+        for student in students:
+            metrics = run(student, splits, data, _config(args, distilling=False, seed=seed),
+                          args.out, f"{student}-alone-seed{seed}", **options)
+            alone[student].append(metrics)
+            if _is_main():
+                _print_result(f"seed {seed} {student} alone", metrics)
+        cohort = run(students, splits, data, _config(args, distilling=True, seed=seed), args.out,
+                     f"mutual-seed{seed}", **options)
+        if _is_main():
+            for student, metrics in zip(students, cohort["member_runs"]):
+                together[student].append(metrics)
+                _print_result(f"seed {seed} {student} mutual", metrics)
+    if not _is_main():
+        return
+    runs = {}
+    for student in students:
+        runs[f"{student} alone"] = alone[student]
+        runs[f"{student} mutual"] = together[student]
+    table = report.comparison_table(
+        [(label, [m["test"] for m in ms], ms[-1]["cost"]) for label, ms in runs.items()])
+    gains = {s: [m["test"]["accuracy"] - a["test"]["accuracy"]
+                 for m, a in zip(together[s], alone[s])] for s in students}
+    seconds = time.perf_counter() - started
+    command = _command_line(args)
+    summary = (f"{data['spec']}: students {', '.join(students)} on {len(splits.train_y)} "
+               f"labelled training images, {args.epochs} epochs, alone and together (T = "
+               f"{args.temperature:g}, soft weight {args.soft_weight:g}, hard weight "
+               f"{args.hard_weight:g}); {len(splits.test_y)} test images; mean ± std over seeds "
+               f"{','.join(map(str, seeds))}; {seconds:.0f} s")
+    gain_lines = "\n".join(
+        f"- {s}: mutual - alone test accuracy {report.mean_std(g, signed=True)} "
+        f"(better on {sum(x > 0 for x in g)} of {len(g)} seeds)" for s, g in gains.items())
+    figure = report.curves_figure({label: [m["history"] for m in ms]
+                                   for label, ms in runs.items()})
+    report.save_figure(figure, os.path.join(args.out, "mutual.png"))
+    report.write_text(os.path.join(args.out, "mutual.md"),
+                      f"`{command}`\n\n{summary}\n\n{table}\n\n{gain_lines}\n")
+    report.write_json(os.path.join(args.out, "mutual.json"), {
+        "command": command, "seconds": seconds, "seeds": seeds, "students": students,
+        "test": {label: [m["test"] for m in ms] for label, ms in runs.items()},
+        "cost": {label: ms[-1]["cost"] for label, ms in runs.items()},
+        "mutual_gain": gains,
+    })
+    print(f"\n{summary}\n\n{table}\n\n{gain_lines}\n"
+          f"wrote {args.out}/mutual.md, mutual.png, mutual.json")
+
+
+def multistudent_arguments(p):
+    p.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's .pt")
+    p.add_argument("--students", required=True, type=model_list, metavar="NAME,NAME,...",
+                   help="the students distilled from it, among which the selector chooses (at "
+                   "least 2; names as for train --model)")
+    seeds_argument(p, "the distilled students and the selector")
+    data_arguments(p, inherit="the teacher's")
+    run_arguments(p, seed=None)
+    loss_arguments(p)
+
+
+def cmd_multistudent(args):
+    """Seed 003's framework: distilled students and a selector that routes each image to one."""
+    import torch
+
+    from . import multistudent, report
+    from .train import data_meta, load_model, load_teacher, predict_logits, run, run_files
+
+    device = _device(args)
+    seeds, students = _seeds(args), _students(args)
+    for seed in seeds:
+        _config(args, distilling=True, seed=seed)
+    names = [f"{s}-distilled-seed{seed}" for seed in seeds for s in students]
+    names += [f"selector-seed{seed}" for seed in seeds]
+    _claim(args, names, files=("multistudent.md", "multistudent.json", "multistudent.png"))
+    started = time.perf_counter()
+    splits, data = _teacher_data(args)
+    teacher, _ = load_teacher(args.teacher, data["spec"], splits.classes)
+    options = _run_options(args)
+    example = torch.zeros(2, *splits.train_x.shape[1:])
+    per_seed = []
+    for seed in seeds:
+        config = _config(args, distilling=True, seed=seed)
+        distilled = [run(s, splits, data, config, args.out, f"{s}-distilled-seed{seed}",
+                         teacher_path=args.teacher, **options) for s in students]
+        # Every rank reads the students back (run() returns once they are written).
+        logits, records = [], []
+        for student in students:
+            path = run_files(args.out, f"{student}-distilled-seed{seed}")["checkpoint"]
+            model, state = load_model(path)
+            model.to(device)
+            logits.append({split: predict_logits(model, splits.split(split)[0], device)
+                           for split in ("train", "val", "test")})
+            records.append(f"{os.path.abspath(path)} (run {state['run_id']}, {state['epoch']} "
+                           "epochs)")
+        selector_splits = multistudent.selector_splits(splits, logits, students)
+        selector_data = data_meta(data["spec"], data["data_seed"], data["train_fraction"],
+                                  selector_splits)
+        selector = run("selector-cnn", selector_splits, selector_data,
+                       _config(args, distilling=False, seed=seed, nuclear_weight=0.0), args.out,
+                       f"selector-seed{seed}", meta={"students": records}, **options)
+        if not _is_main():
+            continue
+        for student, metrics in zip(students, distilled):
+            _print_result(f"seed {seed} {student} distilled", metrics)
+        selector_model, _ = load_model(selector["checkpoint"])
+        chosen = predict_logits(selector_model.to(device), splits.test_x, device).argmax(-1)
+        routed = multistudent.route(chosen, [l["test"] for l in logits], splits.test_y,
+                                    splits.num_classes)
+        costs = [m["cost"] for m in distilled]
+        routed["macs"] = selector["cost"]["macs"] + sum(
+            costs[k]["macs"] * share for k, share in enumerate(routed["share"]))
+        per_seed.append({"seed": seed, "students": [m["test"] for m in distilled],
+                         "student_costs": costs, "selector": selector["test"],
+                         "selector_cost": selector["cost"], "routed": routed})
+        print(f"seed {seed} routed system: test accuracy {routed['test']['accuracy']:.4f} "
+              f"(oracle {routed['oracle_accuracy']:.4f}; the selector chose a correct student "
+              f"for {routed['picks_correct']:.4f} of the images some student gets right)",
+              flush=True)
+    if not _is_main():
+        return
+    teacher.to(device)
+    teacher_test = multistudent.metrics(predict_logits(teacher, splits.test_x, device).argmax(-1),
+                                        splits.test_y, splits.num_classes)
+    teacher_cost = report.model_cost(teacher, example.to(device))
+    result = multistudent.summarise(students, teacher_test, teacher_cost, per_seed)
+    seconds = time.perf_counter() - started
+    command = _command_line(args)
+    summary = (f"{data['spec']}: teacher {args.teacher}; students {', '.join(students)} "
+               f"distilled on {len(splits.train_y)} labelled training images ({args.epochs} "
+               f"epochs), the selector (selector-cnn) trained on the same images; "
+               f"{len(splits.test_y)} test images; mean ± std over seeds "
+               f"{','.join(map(str, seeds))}; {seconds:.0f} s")
+    report.save_figure(report.bars_figure(result["bars"], "test accuracy",
+                                          "multi-student system on the test split"),
+                       os.path.join(args.out, "multistudent.png"))
+    text = f"`{command}`\n\n{summary}\n\n" + "\n\n".join(result["tables"]) + "\n"
+    report.write_text(os.path.join(args.out, "multistudent.md"), text)
+    report.write_json(os.path.join(args.out, "multistudent.json"), {
+        "command": command, "seconds": seconds, "seeds": seeds, "students": students,
+        "teacher": {"path": os.path.abspath(args.teacher), "test": teacher_test,
+                    "cost": teacher_cost},
+        "per_seed": per_seed, "summary": result["summary"],
+    })
+    print(f"\n{summary}\n\n" + "\n\n".join(result["tables"]) +
+          f"\nwrote {args.out}/multistudent.md, multistudent.png, multistudent.json")
+
+
 def bench_arguments(p):
     from . import benchmark
 
@@ -692,6 +899,8 @@ COMMANDS = [
     ("distill", cmd_distill, distill_arguments),
     ("eval", cmd_eval, eval_arguments),
     ("sweep", cmd_sweep, sweep_arguments),
+    ("mutual", cmd_mutual, mutual_arguments),
+    ("multistudent", cmd_multistudent, multistudent_arguments),
     ("bench", cmd_bench, bench_arguments),
 ]
 
@@ -699,7 +908,8 @@ COMMANDS = [
 EXTRAS = {"numpy": "numpy", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 NEEDS = {"demo": ("numpy", "sklearn", "matplotlib"), "sweep": ("numpy", "sklearn", "matplotlib"),
          "train": ("numpy", "sklearn"), "distill": ("numpy", "sklearn"),
-         "eval": ("numpy", "sklearn")}
+         "eval": ("numpy", "sklearn"), "mutual": ("numpy", "sklearn", "matplotlib"),
+         "multistudent": ("numpy", "sklearn", "matplotlib")}
 
 
 def _require_extras(command):

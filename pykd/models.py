@@ -9,6 +9,10 @@ parameter counts (1,515,018 and 313,354 for 10 classes).
 ``tutorial-teacher`` / ``tutorial-student``: the PyTorch knowledge-distillation tutorial's
 TeacherCNN and StudentCNN (001).
 
+``selector-cnn``: the multi-student framework's model selector (003), a 3-layer CNN with batch
+normalisation (the seed found fewer layers, or no batch normalisation, to perform poorly); its
+"classes" are the students it chooses between.
+
 Every model's convolutional trunk is the submodule ``features``: it is the default hint/guided
 layer for feature distillation (FitNets, 002).
 
@@ -105,11 +109,34 @@ def tutorial_student(num_classes=10, in_channels=3, image_size=32):
     return TutorialCNN((16, "M", 16, "M"), 256, num_classes, in_channels, image_size)
 
 
+class SelectorCNN(nn.Module):
+    """Three Conv 3x3 (padding 1) - BatchNorm - ReLU - MaxPool 2x2 blocks, then one linear layer."""
+
+    def __init__(self, widths, num_classes=2, in_channels=3, image_size=32):
+        super().__init__()
+        layers = []
+        for width in widths:
+            layers += [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width),
+                       nn.ReLU(), nn.MaxPool2d(2, stride=2)]
+            in_channels = width
+        self.features = nn.Sequential(*layers)
+        size = image_size // 2 ** len(widths)
+        self.classifier = nn.Linear(in_channels * size * size, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def selector_cnn(num_classes=2, in_channels=3, image_size=32):
+    return SelectorCNN((8, 16, 32), num_classes, in_channels, image_size)
+
+
 MODELS = {
     "keras-teacher": keras_teacher,
     "keras-student": keras_student,
     "tutorial-teacher": tutorial_teacher,
     "tutorial-student": tutorial_student,
+    "selector-cnn": selector_cnn,
 }
 
 

@@ -11,8 +11,8 @@ from torch import nn
 
 __all__ = [
     "metrics_from_confusion", "model_cost", "count_macs", "latency_ms", "write_files",
-    "write_atomically", "write_json", "write_text", "markdown_table", "comparison_table",
-    "curves_figure", "sweep_figure", "save_figure",
+    "write_atomically", "write_json", "write_text", "markdown_table", "mean_std",
+    "comparison_table", "curves_figure", "sweep_figure", "bars_figure", "save_figure",
 ]
 
 
@@ -190,10 +190,13 @@ def write_text(path, text):
     write_atomically(path, lambda f: f.write(text))
 
 
-def _mean_std(values):
+def mean_std(values, signed=False):
+    """"mean ± std" of the values (to 4 decimals; the value alone when there is one); `signed`
+    writes the mean's sign (for differences)."""
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:{sign}.4f}"
+    return f"{statistics.mean(values):{sign}.4f} ± {statistics.stdev(values):.4f}"
 
 
 def markdown_table(header, rows):
@@ -209,7 +212,7 @@ def comparison_table(rows):
     return markdown_table(
         ["model", "accuracy", "macro F1", "precision", "recall", "parameters", "size (KiB)",
          "MACs (M)"],
-        [[label] + [_mean_std([r[key] for r in runs])
+        [[label] + [mean_std([r[key] for r in runs])
                     for key in ("accuracy", "f1", "precision", "recall")]
          + [f"{cost['parameters']:,}", f"{cost['size_bytes'] / 1024:.0f}",
             f"{cost['macs'] / 1e6:.1f}"]
@@ -269,6 +272,20 @@ def curves_figure(runs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return figure
+
+
+def bars_figure(bars, ylabel, title):
+    """A bar per (label, mean, std), with the std as an error bar and the mean written on it."""
+    figure, (ax,) = _figure(1, max(5, 1.3 * len(bars)))
+    labels, means, stds = zip(*bars)
+    ax.bar(range(len(bars)), means, yerr=stds, capsize=4, color=[f"C{k}" for k in range(len(bars))])
+    for k, value in enumerate(means):
+        ax.text(k, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(bars)), labels, rotation=20, ha="right")
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set(ylabel=ylabel, title=title, ylim=(max(0.0, low - 0.05), 1.0))
+    ax.grid(alpha=0.3, axis="y")
     return figure
 
 

@@ -9,6 +9,10 @@ Without a teacher the loss is cross-entropy. With one it is
 and with or without one, ``+ nuclear_weight * ||W||_*`` of the student's first layer (004).
 The teacher runs in eval mode under ``no_grad``.
 
+A :class:`Cohort` of students trains by deep mutual learning (004, and 000's "mutual learning
+with an ensemble of peers"): all at once, each on ``hard_weight * CE + soft_weight * T^2 * KL``
+towards each other student's detached predictions, averaged over the others (:func:`peer_loss`).
+
 Under torchrun (WORLD_SIZE > 1) the student is wrapped in DistributedDataParallel (gloo on CPU,
 nccl on GPU); each rank reads its shard of the training set through a DistributedSampler and
 ``batch_size`` is the global batch, split across ranks. Metrics are reduced across ranks and only
@@ -44,9 +48,9 @@ from . import models, report
 from .loss import KDLoss
 
 __all__ = [
-    "TrainConfig", "CheckpointError", "Interrupted", "EpochLog", "fit", "evaluate",
-    "save_checkpoint", "load_checkpoint", "load_model", "check_classes", "check_out",
-    "run_files", "resolve_device", "run",
+    "TrainConfig", "CheckpointError", "Interrupted", "EpochLog", "Cohort", "peer_loss", "fit",
+    "evaluate", "predict_logits", "save_checkpoint", "load_checkpoint", "load_model",
+    "check_classes", "check_out", "run_files", "resolve_device", "run",
 ]
 
 CHECKPOINT_FORMAT = "pykd-checkpoint/2"
@@ -285,6 +289,10 @@ def _load_weights(module, state_dict, what):
 def load_model(path, expect=None):
     """The model stored in a checkpoint, rebuilt by name; `expect` checks that name."""
     state = load_checkpoint(path)
+    if state.get("members"):
+        raise CheckpointError(f"{path} holds {len(state['members'])} students trained together "
+                              "(mutual learning), not one model: use one of its students' "
+                              "checkpoints (NAME-STUDENT.pt beside it)")
     if expect is not None and state["model"] != expect:
         raise CheckpointError(f"checkpoint {path} holds model {state['model']!r}, not {expect!r}")
     model = models.build_model(state["model"], **state["model_args"])
@@ -333,6 +341,8 @@ def _settings(meta, config):
         "model arguments": meta.get("model_args"),
         "--teacher": teacher and f"{teacher['path']} (run {teacher['run_id']}, "
                                  f"{teacher['epoch']} epochs)",
+        # runs whose outputs made the labels (the students a selector learns to choose from)
+        "--students": meta.get("students"),
         **{option(k): v for k, v in config.items() if k != "epochs"},
     }
 
@@ -436,15 +446,60 @@ class Student(nn.Module):
         return logits, hints
 
 
+class Cohort(nn.Module):
+    """Students trained together by mutual learning, as one module (one optimizer, one
+    DistributedDataParallel): its forward gives their logits stacked, [K, B, C]."""
+
+    def __init__(self, members):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"a cohort needs at least 2 students, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([member(x) for member in self.members])
+
+
+def towards_peers(kd, student, peers, labels):
+    """The pykd.KDLoss `kd` of `student` [B, C] towards each of `peers` [K-1, B, C], averaged:
+    hard_weight * CE + soft_weight * the mean over peers of T^2 * KL(p_peer || p_student). The one
+    place a fused multi-teacher loss (weights 1/(K-1)) can take over."""
+    return sum(kd(student, peer, labels) for peer in peers) / len(peers)
+
+
+def peer_loss(kd, logits, labels):
+    """Deep mutual learning's losses of students whose logits are stacked [K, B, C]: each
+    student's :func:`towards_peers` the other students' detached logits. Returns the [K] losses;
+    one backward of their sum updates each student by its own loss, the peers being detached."""
+    detached = logits.detach()
+    return torch.stack([towards_peers(kd, logits[k], torch.cat([detached[:k], detached[k + 1:]]),
+                                      labels) for k in range(len(logits))])
+
+
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
+
+
+@torch.no_grad()
+def predict_logits(model, x, device, batch_size=256, bf16=False):
+    """`model`'s logits (float32, on the CPU) for every example of x, in eval mode."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs.append(model(x[start:start + batch_size].to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 @torch.no_grad()
 def evaluate(model, x, y, num_classes, ctx=None, batch_size=256, bf16=False):
     """Accuracy and macro precision/recall/F1 of `model` on (x, y). Under torchrun each rank
     takes every world-th example and the confusion matrices are summed, so every example counts
-    exactly once."""
+    exactly once. A :class:`Cohort` gives a list, one entry per student."""
+    if isinstance(model, Cohort):
+        return [evaluate(m, x, y, num_classes, ctx, batch_size, bf16) for m in model.members]
     ctx = ctx or context()
     was_training = model.training
     model.eval()
@@ -472,13 +527,17 @@ def _progress(iterable, enabled, desc):
 
 
 def format_epoch(record, epochs):
-    """The line printed for a finished epoch."""
-    losses = f"cross-entropy {record['train_cross_entropy']:.4f}"
+    """The line printed for a finished epoch (a cohort's values student by student, a/b/...)."""
+    def show(key):
+        value = record[key]
+        return "/".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.4f}"
+
+    losses = f"cross-entropy {show('train_cross_entropy')}"
     if "train_kd" in record:
-        losses += f", KD {record['train_kd']:.4f}"
-    return (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} ({losses}), "
-            f"train accuracy {record['train_accuracy']:.4f}, "
-            f"val accuracy {record['val_accuracy']:.4f}, {record['seconds']:.1f} s")
+        losses += f", KD {show('train_kd')}"
+    return (f"epoch {record['epoch']}/{epochs}: loss {show('train_loss')} ({losses}), "
+            f"train accuracy {show('train_accuracy')}, "
+            f"val accuracy {show('val_accuracy')}, {record['seconds']:.1f} s")
 
 
 class EpochLog:
@@ -509,7 +568,12 @@ class EpochLog:
                 f.write(json.dumps({"run_id": run_id, **record}) + "\n")
         if self.writer is not None:
             for key, value in record.items():
-                if key != "epoch":
+                if key == "epoch":
+                    continue
+                if isinstance(value, list):  # a cohort's: one curve per student
+                    for k, v in enumerate(value):
+                        self.writer.add_scalar(f"{key}/{k}", v, record["epoch"])
+                else:
                     self.writer.add_scalar(key, value, record["epoch"])
             self.writer.flush()
 
@@ -535,9 +599,11 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
         on_epoch_end=None, device=None, log=None):
     """Trains `model` (any nn.Module giving [B, C] logits) on `splits` (pykd.data.Splits).
 
-    With `teacher`, distils it into `model` with the losses of `config`. With `checkpoint` (a
-    path), saves the resumable state after every epoch; `meta` is stored with it (model name,
-    data description, teacher). `resume_from` (a checkpoint path) continues that run from its
+    With `teacher`, distils it into `model` with the losses of `config`. A :class:`Cohort`
+    trains its students by mutual learning (:func:`peer_loss`, with config's temperature and
+    weights); its history, "val" and "test" then hold a list per value, one entry per student.
+    With `checkpoint` (a path), saves the resumable state after every epoch; `meta` is stored
+    with it (model name, data description, teacher). `resume_from` (a checkpoint path) continues that run from its
     last epoch, after checking that it was started with the same settings (only
     `config.epochs` may grow). `log` (an :class:`EpochLog`) hears of every epoch and of the
     resume; `on_epoch_end(record)` is called after each epoch's checkpoint. Ctrl-C raises
@@ -546,7 +612,13 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     Returns {"history", "val", "test", "state"}: "state" is the checkpoint dict of the end.
     """
     distilling = teacher is not None
-    config.check(distilling)
+    peers = isinstance(model, Cohort)
+    if peers and (distilling or config.logit_weight or config.hint_weight
+                  or config.nuclear_weight):
+        raise ValueError("mutual learning (a Cohort) trains on the KD loss towards the peers and "
+                         "cross-entropy only: no teacher, logit, hint or nuclear-norm term")
+    with_kd = distilling or peers  # the run uses (and records) the KD loss's settings
+    config.check(with_kd)
     ctx = context(device)
     if config.batch_size % ctx.world:
         raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be a "
@@ -582,7 +654,7 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     saved = (None, 0)  # the checkpoint that holds the last finished epoch
     if resume_from is not None:
         state = load_checkpoint(resume_from)
-        _check_resume(resume_from, state, meta, config, distilling)
+        _check_resume(resume_from, state, meta, config, with_kd)
         _load_weights(model, state["state_dict"], f"the weights in {resume_from}")
         _load_weights(student.regressors, state["regressors"],
                       f"the hint regressors in {resume_from}")
@@ -604,6 +676,11 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                                  seed=config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size // ctx.world, sampler=sampler)
     show = config.progress and ctx.is_main and sys.stderr.isatty()
+    members = len(model.members) if peers else 1
+
+    def _one(values):  # a student's value, or a cohort's list of them
+        return values if peers else values[0]
+
     first_weight = first_layer_weight(model) if config.nuclear_weight else None
 
     def snapshot(epoch, complete=False):
@@ -611,7 +688,7 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
             "format": CHECKPOINT_FORMAT, **meta, "run_id": run_id, "complete": complete,
             "state_dict": model.state_dict(), "regressors": student.regressors.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "rng": _rng_state(),
-            "config": config.record(distilling), "history": history,
+            "config": config.record(with_kd), "history": history,
         }
 
     try:
@@ -619,15 +696,24 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
             sampler.set_epoch(epoch)
             student.train()
             started = time.perf_counter()
-            # loss, cross-entropy, KD term, correct, count
-            sums = torch.zeros(5, dtype=torch.float64, device=ctx.device)
+            # per student (one, or a cohort's K): loss, cross-entropy, KD term, correct; count
+            sums = torch.zeros(4 * members + 1, dtype=torch.float64, device=ctx.device)
             batches = _progress(loader, show, f"{meta['model']} epoch {epoch + 1}/{config.epochs}")
             for inputs, labels in batches:
                 inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
-                kd_term = torch.zeros((), device=ctx.device)
+                kd_term = torch.zeros(members, device=ctx.device)
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     logits, hints = trainable(inputs)
-                    if distilling:
+                    losses = None  # each student's, for a cohort
+                    if peers:
+                        losses = peer_loss(kd, logits, labels)
+                        loss = losses.sum()
+                        with torch.no_grad():  # for the record only
+                            kd_term = peer_loss(
+                                lambda s, t, _: pykd.kd_loss(s.float(), t.float(),
+                                                             config.temperature),
+                                logits.detach(), labels)
+                    elif distilling:
                         with torch.no_grad():
                             teacher_logits = teacher(inputs)
                             teacher_features = [teacher_capture.features[t] for _, t in hint_layers]
@@ -651,30 +737,36 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                 optimizer.step()
                 n = len(labels)
                 with torch.no_grad():
-                    cross_entropy = F.cross_entropy(logits.detach().float(), labels)
-                sums += torch.stack([loss.detach().double() * n, cross_entropy.double() * n,
-                                     kd_term.double() * n,
-                                     (logits.argmax(-1) == labels).sum().double(),
-                                     torch.tensor(n, dtype=torch.float64, device=ctx.device)])
+                    each = (logits if peers else logits.unsqueeze(0)).detach().float()
+                    cross_entropy = torch.stack([F.cross_entropy(s, labels) for s in each])
+                    correct = (each.argmax(-1) == labels).sum(-1)
+                    per_student = (losses if peers else loss.view(1)).detach()
+                sums += torch.cat([per_student.double() * n, cross_entropy.double() * n,
+                                   kd_term.double().view(-1) * n, correct.double(),
+                                   torch.tensor([n], dtype=torch.float64, device=ctx.device)])
                 if show:
                     batches.set_postfix(loss=f"{loss.item():.4f}")
-            loss_sum, ce_sum, kd_sum, correct, count = _all_reduce(ctx, sums).tolist()
-            if not math.isfinite(loss_sum):
+            totals = _all_reduce(ctx, sums).tolist()
+            count = totals[-1]
+            loss_sum, ce_sum, kd_sum, correct = (
+                [t / count for t in totals[i * members:(i + 1) * members]] for i in range(4))
+            if not all(map(math.isfinite, loss_sum)):
                 raise ValueError(
-                    f"the training loss became {loss_sum / count} in epoch {epoch + 1}: the run "
+                    f"the training loss became {_one(loss_sum)} in epoch {epoch + 1}: the run "
                     f"diverged (a smaller --lr may help); "
                     + (f"{saved[0]} holds epoch {saved[1]}" if saved[0] else "nothing was saved"))
             val = evaluate(model, splits.val_x, splits.val_y, splits.num_classes, ctx,
                            bf16=config.bf16)
+            vals = val if peers else [val]
             record = {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum / count,
-                "train_cross_entropy": ce_sum / count,
-                **({"train_kd": kd_sum / count} if distilling else {}),
-                "train_accuracy": correct / count,
+                "train_loss": _one(loss_sum),
+                "train_cross_entropy": _one(ce_sum),
+                **({"train_kd": _one(kd_sum)} if with_kd else {}),
+                "train_accuracy": _one(correct),
                 "train_examples": int(count),  # over all ranks (the sampler pads to a multiple)
-                "val_accuracy": val["accuracy"],
-                "val_f1": val["f1"],
+                "val_accuracy": _one([v["accuracy"] for v in vals]),
+                "val_f1": _one([v["f1"] for v in vals]),
                 "seconds": time.perf_counter() - started,
             }
             history.append(record)
@@ -761,11 +853,50 @@ def load_teacher(path, spec, classes):
     return teacher, record
 
 
+def member_files(out_dir, name, members):
+    """The files of each student of cohort run `name`: `name-STUDENT.pt` and `.json`."""
+    return [run_files(out_dir, f"{name}-{member}") for member in members]
+
+
+def _member_run(name, metrics, state, k, cost):
+    """Student k of a finished cohort run as the checkpoint and metrics of a run of its own
+    (its weights, its history, its results; no optimizer state: the cohort's run resumes)."""
+    member = state["members"][k]
+    prefix = f"members.{k}."
+
+    def own(value):
+        return value[k] if isinstance(value, list) else value
+
+    history = [{key: own(v) for key, v in record.items()} for record in state["history"]]
+    cohort = {"name": name, "members": state["members"], "checkpoint": metrics["checkpoint"]}
+    member_state = {
+        **{key: v for key, v in state.items() if key not in ("members", "results")},
+        "model": member, "history": history, "optimizer": {}, "regressors": {}, "cohort": cohort,
+        "state_dict": {key[len(prefix):]: v for key, v in state["state_dict"].items()
+                       if key.startswith(prefix)},
+    }
+    member_metrics = {**{key: v for key, v in metrics.items()
+                         if key not in ("members", "member_runs", "cost")},
+                      "name": f"{name}-{member}", "model": member, "history": history,
+                      "val": metrics["val"][k], "test": metrics["test"][k], "cost": cost,
+                      "cohort": cohort}
+    member_state["results"] = {key: member_metrics[key] for key in ("val", "test", "cost")}
+    return member_state, member_metrics
+
+
 def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, resume=False,
-        overwrite=False, device=None, tensorboard=False, on_epoch_end=None):
+        overwrite=False, device=None, tensorboard=False, on_epoch_end=None, meta=None):
     """Builds `model_name` (seeded), trains or distils it, and writes `out_dir/name.pt` and
     `out_dir/name.json` (history, val/test metrics, cost) together once everything has
     succeeded. Returns the metrics dict.
+
+    A list of model names trains them together by mutual learning (a :class:`Cohort`, each
+    student initialised as a run of its own with the same seed would be); besides the cohort's
+    files, each student's checkpoint and metrics go to `name-STUDENT.pt` and `.json`, all written
+    together, and the returned metrics hold theirs under "member_runs". `meta` adds fields to the
+    run's record that a resume must find unchanged ("students": the runs whose outputs made a
+    selector's labels).
+    Under torchrun every rank returns once rank 0 has written the files.
 
     `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from. An
     existing run of that name is continued only with `resume` and replaced only with
@@ -784,12 +915,17 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     teacher, teacher_record = None, None
     if teacher_path is not None:
         teacher, teacher_record = load_teacher(teacher_path, data["spec"], splits.classes)
-    torch.manual_seed(config.seed)
     model_args = {"num_classes": splits.num_classes, "in_channels": splits.train_x.shape[1],
                   "image_size": splits.train_x.shape[-1]}
-    model = models.build_model(model_name, **model_args)
-    meta = {"model": model_name, "model_args": model_args, "data": data,
-            "teacher": teacher_record}
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    built = []
+    for member in names:
+        torch.manual_seed(config.seed)
+        built.append(models.build_model(member, **model_args))
+    cohort = not isinstance(model_name, str)
+    model = Cohort(built) if cohort else built[0]
+    meta = {**(meta or {}), "model": "+".join(names), "model_args": model_args, "data": data,
+            "teacher": teacher_record, **({"members": names} if cohort else {})}
     log = None
     if ctx.is_main:
         tensorboard_dir = os.path.join(str(out_dir), "tensorboard", name) if tensorboard else None
@@ -812,13 +948,27 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
         metrics["cost"] = report.model_cost(model, example)
         metrics["checkpoint"] = os.path.abspath(files["checkpoint"])
         state["results"] = {key: metrics[key] for key in ("val", "test", "cost")}
-        report.write_files([
-            (files["checkpoint"], lambda f: torch.save(state, f), True),
-            (files["metrics"], report.json_writer(metrics), False),
-        ])
+        writes = [(files["checkpoint"], _saver(state), True),
+                  (files["metrics"], report.json_writer(metrics), False)]
+        if cohort:
+            metrics["member_runs"] = []
+            for k, paths in enumerate(member_files(out_dir, name, names)):
+                member_state, member_metrics = _member_run(
+                    name, metrics, state, k, report.model_cost(model.members[k], example))
+                member_metrics["checkpoint"] = os.path.abspath(paths["checkpoint"])
+                metrics["member_runs"].append(member_metrics)
+                writes += [(paths["checkpoint"], _saver(member_state), True),
+                           (paths["metrics"], report.json_writer(member_metrics), False)]
+        report.write_files(writes)
         if os.path.exists(files["partial"]):
             os.remove(files["partial"])
+    if ctx.world > 1:
+        dist.barrier()  # the files exist for every rank once run() returns
     return metrics
+
+
+def _saver(state):
+    return lambda f: torch.save(state, f)
 
 
 @contextlib.contextmanager

@@ -147,6 +147,7 @@ def files(teacher, tmp_path_factory):
     save("changed.pt", model="keras-student")
     (root / "only-json").mkdir()
     (root / "only-json" / "student-alone-seed7.json").write_text("{}\n")
+    (root / "only-json" / "selector-seed7.json").write_text("{}\n")
     (root / "bad_factories.py").write_text(
         "def broken(num_classes, in_channels, image_size):\n    raise RuntimeError('boom')\n")
     return {
@@ -266,6 +267,31 @@ ERRORS = [
      "--train-fraction only selects training images; it does nothing for --split test"),
     ("factory-raises", ["train", "--model", "bad_factories:broken"],
      "model 'bad_factories:broken': its factory raised RuntimeError: boom"),
+    ("mutual-one-student", ["mutual", "--students", "keras-student"],
+     "--students keras-student: name at least 2 students"),
+    ("mutual-unknown-student", ["mutual", "--students", "keras-student,nope"],
+     "--students: unknown model 'nope'"),
+    ("mutual-repeated-student", ["mutual", "--students", "keras-student,keras-student"],
+     "argument --students: 'keras-student,keras-student' repeats a value"),
+    ("mutual-hint", ["mutual", "--students", "keras-student,tutorial-student",
+                     "--hint-weight", "1"], "unrecognized arguments: --hint-weight 1"),
+    ("mutual-temperature-unused", ["mutual", "--students", "keras-student,tutorial-student",
+                                   "--temperature", "2", "--soft-weight", "0"],
+     r"--temperature only scales the soft \(KD\) term"),
+    ("mutual-seed-and-seeds", ["mutual", "--students", "keras-student,tutorial-student",
+                               "--seed", "1", "--seeds", "1,2"],
+     "--seed and --seeds both given: mutual trains once per seed"),
+    ("multistudent-no-teacher", ["multistudent", "--teacher", "/no/such.pt", "--students",
+                                 "keras-student,tutorial-student"],
+     "checkpoint not found: /no/such.pt"),
+    ("multistudent-classes", ["multistudent", "--teacher", "{teacher}", "--students",
+                              "keras-student,tutorial-student", "--dataset",
+                              "folder:{two_classes}"],
+     "--teacher .*teacher.pt was trained on 10 classes but --dataset folder:.* has 2"),
+    ("multistudent-existing", ["multistudent", "--teacher", "{teacher}", "--students",
+                               "tutorial-student,keras-student", "--seed", "7", "--out",
+                               "{root}/only-json"],
+     "selector-seed7.json holds the results of an earlier run: pass --resume"),
     ("bench-shapes", ["bench", "--shapes", "8by10"], "shapes must look like"),
     ("bench-repeats", ["bench", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
 ]
@@ -539,6 +565,82 @@ def test_sweep_chooses_on_validation(teacher, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_mutual_resume_and_the_students_checkpoints(tmp_path):
+    args = ["mutual", "--students", "tutorial-student,keras-student", "--out", tmp_path,
+            "--train-fraction", "0.1"]
+    first, rerun, resumed, cohort_eval, member_eval = run_cli(
+        [*args, "--epochs", "1"],
+        [*args, "--epochs", "1"],
+        [*args, "--epochs", "2", "--resume"],
+        ["eval", "--checkpoint", tmp_path / "mutual-seed0.pt"],
+        ["eval", "--checkpoint", tmp_path / "mutual-seed0-keras-student.pt"])
+    # One line per epoch for the pair, each value student by student.
+    assert re.search(r"mutual-seed0: epoch 1/1: loss [\d.]+/[\d.]+ \(cross-entropy [\d.]+/[\d.]+, "
+                     r"KD [\d.]+/[\d.]+\), train accuracy [\d.]+/[\d.]+, val accuracy "
+                     r"[\d.]+/[\d.]+", ok(first).stderr)
+    one_line_error(rerun, "tutorial-student-alone-seed0.pt holds a finished run: pass --resume")
+    assert "mutual-seed0: resuming from epoch 1 of 2" in ok(resumed).stderr
+    table = (tmp_path / "mutual.md").read_text()
+    for row in ("tutorial-student alone", "tutorial-student mutual", "keras-student alone",
+                "keras-student mutual"):
+        assert f"| {row} | 0." in table
+    assert "keras-student: mutual - alone test accuracy" in table
+    result = read_json(tmp_path / "mutual.json")
+    assert result["students"] == ["tutorial-student", "keras-student"]
+    assert set(result["mutual_gain"]) == {"tutorial-student", "keras-student"}
+    assert (tmp_path / "mutual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cohort = read_json(tmp_path / "mutual-seed0.json")
+    assert cohort["config"]["temperature"] == 1.0 and cohort["config"]["soft_weight"] == 1.0
+    # Each student of the pair is a checkpoint of its own, for eval (or as a teacher)...
+    member = read_json(tmp_path / "mutual-seed0-keras-student.json")
+    assert member["model"] == "keras-student" and len(member["history"]) == 2
+    assert member["history"][1]["val_accuracy"] == cohort["history"][1]["val_accuracy"][1]
+    assert member["test"] == cohort["test"][1] and member["run_id"] == cohort["run_id"]
+    ok(member_eval)
+    evaluated = read_json(tmp_path / "mutual-seed0-keras-student.eval-test.json")
+    assert evaluated["metrics"]["accuracy"] == pytest.approx(member["test"]["accuracy"])
+    # ...while the pair's own checkpoint is what resumes, and is not one model.
+    one_line_error(cohort_eval, "mutual-seed0.pt holds 2 students trained together")
+
+
+def test_multistudent_routes_each_image_to_the_chosen_student(teacher, tmp_path):
+    args = ["multistudent", "--teacher", teacher, "--students", "tutorial-student,keras-student",
+            "--out", tmp_path, *FAST]
+    done, resumed = run_cli(args, [*args, "--resume"])
+    ok(done)
+    text = (tmp_path / "multistudent.md").read_text()
+    for row in ("| teacher | 0.", "| tutorial-student (distilled) | 0.",
+                "| selector + students (routed) | 0.", "| keras-student + selector |",
+                "| selector accuracy at naming the best student (test) |",
+                "| oracle: some student is right"):
+        assert row in text, row
+    assert (tmp_path / "multistudent.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = read_json(tmp_path / "multistudent.json")
+    routed = result["per_seed"][0]["routed"]
+
+    # The routed system's accuracy, recomputed from the checkpoints it wrote.
+    from pykd.data import load_dataset
+    from pykd.train import load_model
+
+    selector, state = load_model(tmp_path / "selector-seed0.pt")
+    assert state["data"]["classes"] == ["tutorial-student", "keras-student"]
+    mean, std = (torch.load(teacher, weights_only=True)["data"][k] for k in ("mean", "std"))
+    splits = load_dataset("digits", data_seed=0, train_fraction=0.1, mean=mean, std=std)
+    with torch.no_grad():
+        chosen = selector.eval()(splits.test_x).argmax(-1)
+        predictions = torch.stack([
+            load_model(tmp_path / f"{s}-distilled-seed0.pt")[0].eval()(splits.test_x).argmax(-1)
+            for s in ("tutorial-student", "keras-student")])
+    right = predictions[chosen, torch.arange(len(chosen))] == splits.test_y
+    assert routed["test"]["accuracy"] == pytest.approx(right.double().mean().item())
+    assert routed["share"][1] == pytest.approx(chosen.double().mean().item())
+    assert routed["oracle_accuracy"] >= routed["test"]["accuracy"]
+
+    assert ok(resumed).stderr.count("resuming from epoch 1 of 1") == 3
+    again = read_json(tmp_path / "multistudent.json")["per_seed"][0]["routed"]
+    assert again["test"] == routed["test"]
+
+
 def test_version_and_package_metadata():
     done = ok(pykd_cli("--version"))
     assert done.stdout == f"pykd {pykd.__version__}\n"
@@ -621,6 +723,20 @@ def test_torchrun_two_processes(teacher, tmp_path):
                                             "tutorial-student-distilled.pt"]
     assert done.stdout.count("tutorial-student-distilled: test accuracy") == 1  # rank 0 only
     assert done.stderr.count("tutorial-student-distilled: epoch 2/2:") == 1
+
+
+def test_torchrun_multistudent(teacher, tmp_path):
+    done = run_python(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "pykd", "multistudent", "--teacher", teacher, "--students",
+         "tutorial-student,keras-student", "--out", tmp_path, *FAST],
+        env={"OMP_NUM_THREADS": "1"}, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = read_json(tmp_path / "multistudent.json")
+    assert result["per_seed"][0]["routed"]["test"]["examples"] == \
+        read_json(teacher.parent / "teacher.json")["test"]["examples"]
+    assert done.stdout.count("seed 0 routed system: test accuracy") == 1  # rank 0 only
+    assert done.stderr.count("selector-seed0: epoch 1/1:") == 1
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path):

@@ -43,23 +43,29 @@ def stop_after(epoch):
     return callback
 
 
-@pytest.mark.parametrize("distil", [False, True], ids=["train", "distill"])
-def test_resume_is_bit_identical(splits, teacher_path, tmp_path, distil):
+def cohort(seed=0):
+    return train.Cohort([student(seed), student(seed + 1)])
+
+
+@pytest.mark.parametrize("mode", ["train", "distill", "mutual"])
+def test_resume_is_bit_identical(splits, teacher_path, tmp_path, mode):
     kwargs = {}
-    if distil:
+    if mode == "distill":
         kwargs["teacher"] = train.load_model(teacher_path)[0]
-    cfg = config(logit_weight=0.1 if distil else 0.0, nuclear_weight=1e-3)
+    cfg = config() if mode == "mutual" else config(
+        logit_weight=0.1 if mode == "distill" else 0.0, nuclear_weight=1e-3)
+    make = cohort if mode == "mutual" else student
     meta = {"model": "tutorial-student"}
-    whole = student()
+    whole = make()
     fit(whole, splits, cfg, checkpoint=str(tmp_path / "whole.pt"), meta=meta, **kwargs)
 
     path = str(tmp_path / "split.pt")
     with pytest.raises(Stop):
-        fit(student(), splits, cfg, checkpoint=path, meta=meta, on_epoch_end=stop_after(1),
+        fit(make(), splits, cfg, checkpoint=path, meta=meta, on_epoch_end=stop_after(1),
             **kwargs)
     assert train.load_checkpoint(path)["epoch"] == 1
     torch.manual_seed(1234)  # the checkpoint, not the caller, must decide the RNG state
-    resumed = student(seed=99)  # and its weights, not the fresh initialisation
+    resumed = make(seed=99)  # and its weights, not the fresh initialisation
     result = fit(resumed, splits, cfg, checkpoint=path, meta=meta, resume_from=path, **kwargs)
 
     assert [r["epoch"] for r in result["history"]] == [1, 2, 3]
@@ -67,6 +73,10 @@ def test_resume_is_bit_identical(splits, teacher_path, tmp_path, distil):
         assert torch.equal(a, b), name
     state = train.load_checkpoint(path)
     assert state["epoch"] == 3 and set(state) >= {"optimizer", "rng", "config", "state_dict"}
+    if mode == "mutual":  # a value per student, for every per-student measure
+        record = result["history"][-1]
+        assert all(len(record[k]) == 2 for k in ("train_loss", "train_kd", "val_accuracy"))
+        assert [m["examples"] for m in result["test"]] == [len(splits.test_y)] * 2
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -373,3 +383,31 @@ def test_tensorboard_missing_is_one_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
         train.EpochLog("net", tensorboard_dir=str(tmp_path))
+
+
+def test_peer_loss_is_each_students_kd_loss_towards_its_detached_peers():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (6,))
+    T, soft, hard = 2.0, 0.7, 0.4
+    kd = pykd.KDLoss(temperature=T, soft_weight=soft, hard_weight=hard)
+    losses = train.peer_loss(kd, logits, labels)
+    log_p = (logits.detach() / T).log_softmax(-1)
+    for k in range(3):
+        kl = [(log_p[l].exp() * (log_p[l] - (logits[k] / T).log_softmax(-1))).sum(-1).mean()
+              for l in range(3) if l != k]
+        expected = hard * torch.nn.functional.cross_entropy(logits[k], labels) \
+            + soft * T ** 2 * sum(kl) / 2
+        torch.testing.assert_close(losses[k], expected)
+        # The peers are targets only: student k's loss moves student k alone.
+        with pykd.ops.functional_backward():  # one backward per student through one graph
+            (grad,) = torch.autograd.grad(losses[k], logits, retain_graph=True)
+        assert grad[k].abs().sum() > 0
+        assert all(torch.all(grad[l] == 0) for l in range(3) if l != k)
+
+
+def test_cohort_needs_two_students_and_no_teacher(splits, teacher_path):
+    with pytest.raises(ValueError, match="at least 2 students"):
+        train.Cohort([student()])
+    with pytest.raises(ValueError, match="no teacher, logit, hint or nuclear-norm term"):
+        fit(cohort(), splits, config(epochs=1), teacher=train.load_model(teacher_path)[0])
