@@ -235,7 +235,8 @@ def _figure(panels, width):
 # own axes: every run's cross-entropy with the labels, and the distilled runs' KD term.
 CURVES = [
     ("train_cross_entropy", "cross-entropy", "training cross-entropy with the labels"),
-    ("train_kd", "T² · KL(teacher ‖ student)", "training KD term (distilled runs)"),
+    ("train_kd", "T² · KL(teacher or peer ‖ student)",
+     "training KD term (distilled and mutual runs)"),
     ("val_accuracy", "accuracy", "validation accuracy"),
 ]
 
@@ -276,12 +277,12 @@ def curves_figure(runs):
 
 
 def bars_figure(bars, ylabel, title):
-    """A bar per (label, mean, std), with the std as an error bar and the mean written on it."""
+    """A bar per (label, mean, std), with the std as an error bar and the mean written in it."""
     figure, (ax,) = _figure(1, max(5, 1.3 * len(bars)))
     labels, means, stds = zip(*bars)
     ax.bar(range(len(bars)), means, yerr=stds, capsize=4, color=[f"C{k}" for k in range(len(bars))])
     for k, value in enumerate(means):
-        ax.text(k, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.text(k, value, f"{value:.3f} ", ha="center", va="top", color="w", fontsize=8)
     ax.set_xticks(range(len(bars)), labels, rotation=20, ha="right")
     low = min(m - s for m, s in zip(means, stds))
     ax.set(ylabel=ylabel, title=title, ylim=(max(0.0, low - 0.05), 1.0))
