@@ -618,6 +618,31 @@ DEMO = {"teacher_epochs": 3, "epochs": 20, "train_fraction": 0.1, "batch_size": 
         "temperature": 4.0, "soft_weight": 0.5, "hard_weight": 0.5}
 
 
+def _write_seed_comparison(args, runs, summary, seconds, seeds, files, notes="",
+                           json_fields=()):
+    """The report of runs compared over seeds (`runs`: label -> one metrics dict per seed): the
+    curves (mean ± std), the markdown table and the JSON, in `files` (png, md, json) of --out.
+    Returns the table."""
+    from . import report
+
+    png, md, json_name = files
+    command = _command_line(args)
+    table = report.comparison_table(
+        [(label, [m["test"] for m in ms], ms[-1]["cost"]) for label, ms in runs.items()])
+    figure = report.curves_figure({label: [m["history"] for m in ms]
+                                   for label, ms in runs.items()})
+    report.save_figure(figure, os.path.join(args.out, png))
+    text = f"`{command}`\n\n{summary}\n\n{table}\n" + (f"\n{notes}\n" if notes else "")
+    report.write_text(os.path.join(args.out, md), text)
+    report.write_json(os.path.join(args.out, json_name), {
+        "command": command, "seconds": seconds, "seeds": seeds,
+        "test": {label: [m["test"] for m in ms] for label, ms in runs.items()},
+        "cost": {label: ms[-1]["cost"] for label, ms in runs.items()},
+        **dict(json_fields),
+    })
+    return table
+
+
 def demo_arguments(p):
     _teacher_arguments(p, epochs=DEMO["teacher_epochs"])
     p.add_argument("--student-model", default="keras-student", metavar="NAME",
@@ -636,7 +661,6 @@ def demo_arguments(p):
 
 def cmd_demo(args):
     """The seed experiment: teacher, student alone, distilled student; table and plots."""
-    from . import report
     from .train import run
 
     _device(args)
@@ -675,28 +699,17 @@ def cmd_demo(args):
             _print_result(f"seed {s} distilled student", distilled)
     if not _is_main():
         return
-    table = report.comparison_table(
-        [(label, [m["test"] for m in ms], ms[-1]["cost"]) for label, ms in runs.items()])
     seconds = time.perf_counter() - started
-    command = _command_line(args)
     summary = (f"{args.dataset}: teacher {args.teacher_model} on {len(teacher_splits.train_y)} "
                f"labelled training images ({args.teacher_epochs} epochs), students "
                f"{args.student_model} on {len(splits.train_y)} ({args.epochs} epochs); "
                f"{len(splits.test_y)} test images; students' mean ± std over seeds "
                f"{','.join(map(str, seeds))}; {seconds:.0f} s")
-    figure = report.curves_figure({label: [m["history"] for m in ms]
-                                   for label, ms in runs.items()})
     gains = [d["test"]["accuracy"] - a["test"]["accuracy"]
              for d, a in zip(runs["distilled student"], runs["student alone"])]
-    report.save_figure(figure, os.path.join(args.out, "curves.png"))
-    report.write_text(os.path.join(args.out, "results.md"),
-                      f"`{command}`\n\n{summary}\n\n{table}\n")
-    report.write_json(os.path.join(args.out, "demo.json"), {
-        "command": command, "seconds": seconds, "seeds": seeds,
-        "test": {label: [m["test"] for m in ms] for label, ms in runs.items()},
-        "cost": {label: ms[-1]["cost"] for label, ms in runs.items()},
-        "distillation_gain": gains,
-    })
+    table = _write_seed_comparison(args, runs, summary, seconds, seeds,
+                                   ("curves.png", "results.md", "demo.json"),
+                                   json_fields={"distillation_gain": gains})
     print(f"\n{summary}\n\n{table}\n")
     print(f"distilled - alone test accuracy: {statistics.mean(gains):+.4f} on average over "
           f"{len(gains)} seed(s); wrote {args.out}/results.md, curves.png, demo.json")
@@ -753,12 +766,9 @@ def cmd_mutual(args):
     for student in students:
         runs[f"{student} alone"] = alone[student]
         runs[f"{student} mutual"] = together[student]
-    table = report.comparison_table(
-        [(label, [m["test"] for m in ms], ms[-1]["cost"]) for label, ms in runs.items()])
     gains = {s: [m["test"]["accuracy"] - a["test"]["accuracy"]
                  for m, a in zip(together[s], alone[s])] for s in students}
     seconds = time.perf_counter() - started
-    command = _command_line(args)
     summary = (f"{data['spec']}: students {', '.join(students)} on {len(splits.train_y)} "
                f"labelled training images, {args.epochs} epochs, alone and together (T = "
                f"{args.temperature:g}, soft weight {args.soft_weight:g}, hard weight "
@@ -767,17 +777,10 @@ def cmd_mutual(args):
     gain_lines = "\n".join(
         f"- {s}: mutual - alone test accuracy {report.mean_std(g, signed=True)} "
         f"(better on {sum(x > 0 for x in g)} of {len(g)} seeds)" for s, g in gains.items())
-    figure = report.curves_figure({label: [m["history"] for m in ms]
-                                   for label, ms in runs.items()})
-    report.save_figure(figure, os.path.join(args.out, "mutual.png"))
-    report.write_text(os.path.join(args.out, "mutual.md"),
-                      f"`{command}`\n\n{summary}\n\n{table}\n\n{gain_lines}\n")
-    report.write_json(os.path.join(args.out, "mutual.json"), {
-        "command": command, "seconds": seconds, "seeds": seeds, "students": students,
-        "test": {label: [m["test"] for m in ms] for label, ms in runs.items()},
-        "cost": {label: ms[-1]["cost"] for label, ms in runs.items()},
-        "mutual_gain": gains,
-    })
+    table = _write_seed_comparison(args, runs, summary, seconds, seeds,
+                                   ("mutual.png", "mutual.md", "mutual.json"),
+                                   notes=gain_lines,
+                                   json_fields={"students": students, "mutual_gain": gains})
     print(f"\n{summary}\n\n{table}\n\n{gain_lines}\n"
           f"wrote {args.out}/mutual.md, mutual.png, mutual.json")
 
