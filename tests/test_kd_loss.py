@@ -103,6 +103,26 @@ def test_student_without_mass_where_teacher_has_some_is_inf(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("classes", [5, 50, 5000])
+def test_teacher_without_mass_is_nan(device, beta, classes):
+    """A teacher row of only -inf is no distribution: that row's loss and gradients are NaN (as
+    log_softmax makes them), never a finite loss with a made-up gradient; other rows are kept."""
+    student = logits((3, classes), torch.float32, device, seed=13).requires_grad_()
+    teacher = logits((3, classes), torch.float32, device, seed=14)
+    teacher[1] = float("-inf")
+    teacher.requires_grad_()
+    per_row = pykd.kd_loss(student, teacher, 2.0, "none", beta=beta)
+    per_row.sum().backward()
+    assert per_row[1].isnan() and per_row[[0, 2]].isfinite().all()
+    for grad in (student.grad, teacher.grad):
+        assert grad[1].isnan().all() and grad[[0, 2]].isfinite().all()
+    expected = reference.kd_loss(student.double(), teacher.double(), 2.0, "none", beta=beta)
+    assert expected[1].isnan()
+    torch.testing.assert_close(per_row[[0, 2]].double(), expected[[0, 2]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
 @pytest.mark.parametrize("classes", [10, 5000])

@@ -292,15 +292,17 @@ typename Step<scalar_s>::acc_t long_row(
   acc_t ref_s, ref_t, total_s, total_t;
   combine(ref_s_b, mult_s, max_s, L.inv_temp, ref_s, total_s);
   combine(ref_t_b, mult_t, max_t, L.inv_temp, ref_t, total_t);
-  // A side without mass (every logit -inf) keeps probabilities 0 and log-probabilities -inf, so
-  // that a student without mass where the teacher has some gives +inf, not NaN.
-  const acc_t inv_s = total_s > 0 ? 1 / total_s : 0, inv_t = total_t > 0 ? 1 / total_t : 0;
+  // A student without mass (every logit -inf) keeps probabilities 0 and log-probabilities -inf,
+  // so that it gives +inf where the teacher has mass, not NaN. A teacher without mass is no
+  // distribution: its row is NaN (loss and gradients), as log_softmax makes it.
+  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  const acc_t inv_s = total_s > 0 ? 1 / total_s : 0, inv_t = total_t > 0 ? 1 / total_t : kNaN;
   for (int64_t b = 0; b < blocks; ++b) {
     mult_s[b] *= inv_s;
     mult_t[b] *= inv_t;
   }
   const acc_t log_total_s = total_s > 0 ? std::log(total_s) : 0;
-  const acc_t log_total_t = total_t > 0 ? std::log(total_t) : 0;
+  const acc_t log_total_t = total_t > 0 ? std::log(total_t) : kNaN;
   const acc_t log_total_ratio =
       total_s > 0 && total_t > 0 ? std::log(total_t / total_s) : log_total_t - log_total_s;
   acc_t lse1 = ref_s + log_total_s;  // at T = 1
@@ -472,12 +474,14 @@ void short_rows(
       total1 = total1 + (vs - ref1).exp_u20();
     }
   }
-  // As in long_row: a side without mass keeps probabilities 0 and log-probabilities -inf.
+  // As in long_row: a student without mass keeps probabilities 0 and log-probabilities -inf; a
+  // teacher without mass makes its row NaN.
   const Vec has_s = total_s > zero, has_t = total_t > zero;
+  const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
   const Vec inv_s = Vec::blendv(zero, Vec(1) / total_s, has_s);
-  const Vec inv_t = Vec::blendv(zero, Vec(1) / total_t, has_t);
+  const Vec inv_t = Vec::blendv(nan, Vec(1) / total_t, has_t);
   const Vec log_s = Vec::blendv(zero, total_s.log(), has_s);
-  const Vec log_t = Vec::blendv(zero, total_t.log(), has_t);
+  const Vec log_t = Vec::blendv(nan, total_t.log(), has_t);
   const Vec log_ratio = Vec::blendv(log_t - log_s, (total_t / total_s).log(), has_s & has_t);
   const Vec lse1 = hard_exp ? ref1 + total1.log() : ref_s + log_s;
   const Vec grad_soft(L.grad_soft), grad_hard(L.grad_hard);

@@ -506,25 +506,26 @@ struct Row {
     grad_t_vector = grad_t != nullptr && phase<kW>(grad_t) == phase_;
   }
 
-  // log2 of a sum, or 0 for a side without mass (every logit -inf), whose probabilities then
-  // stay 0 and log-probabilities -inf (as on the CPU): a student without mass where the teacher
-  // has some gives +inf, not NaN. A NaN sum stays NaN.
-  __device__ __forceinline__ static acc_t log2_sum(acc_t sum) {
-    return sum == acc_t(0) ? acc_t(0) : log2_acc(sum);
+  // log2 of a sum, or `empty` for a side without mass (every logit -inf). As on the CPU: 0 for
+  // the student, whose probabilities then stay 0 and log-probabilities -inf (a student without
+  // mass where the teacher has some gives +inf, not NaN); NaN for the teacher, which is then no
+  // distribution and makes its row NaN, as log_softmax does. A NaN sum stays NaN.
+  __device__ __forceinline__ static acc_t log2_sum(acc_t sum, acc_t empty) {
+    return sum == acc_t(0) ? empty : log2_acc(sum);
   }
 
   // Sets the row constants from the merged statistics.
   __device__ __forceinline__ void set_constants(const RowStats<acc_t>& st) {
     ref_s = reference(st.s.max, scale);
-    lse2_s = log2_sum(st.s.sum);
+    lse2_s = log2_sum(st.s.sum, acc_t(0));
     ref_t = reference(st.t.max, scale);
-    lse2_t = log2_sum(st.t.sum);
+    lse2_t = log2_sum(st.t.sum, std::numeric_limits<acc_t>::quiet_NaN());
     if (same_scale) {
       ref1 = ref_s;
       lse2_1 = lse2_s;
     } else {
       ref1 = reference(st.s.max, acc_t(kLog2e));
-      lse2_1 = log2_sum(st.s.sum1);
+      lse2_1 = log2_sum(st.s.sum1, acc_t(0));
     }
   }
 
