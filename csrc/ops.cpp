@@ -44,4 +44,19 @@ TORCH_LIBRARY(pykd, m) {
       "hint_loss(Tensor[] student_features, Tensor[] teacher_features, float[] weights, "
       "bool student_grad, bool teacher_grad) -> "
       "(Tensor loss, Tensor[] grad_student, Tensor[] grad_teacher)");
+
+  // The KD loss against a sparse teacher (SPEC section 1, "Sparse teacher"; the math is
+  // csrc/sparse_kd_loss.h's): the teacher's top-k as teacher_values [..., K] (any floating dtype
+  // that may go with the student's, as for kd_loss) and teacher_indices [..., K] (int32 or int64
+  // class indices of student_logits [..., V], 1 <= K <= V), renormalised over its K entries, or
+  // exact with teacher_lse [...] (float32 or float64: the teacher's full log-sum-exp of t / T)
+  // plus one tail bucket for the mass outside the top-k. Masks, reductions, the loss's dtype
+  // (promote_types(student, values)) and student_grad as for kd_loss; the teacher gets no
+  // gradient. Indices of masked rows are never read; on the CPU an index outside [0, V) in a
+  // valid row raises, on CUDA it is a device-side assert (and, with assertions compiled out, the
+  // row's loss and gradient become NaN); nothing is ever read or written out of bounds.
+  m.def(
+      "sparse_kd_loss(Tensor student_logits, Tensor teacher_values, Tensor teacher_indices, "
+      "Tensor? teacher_lse, Tensor? labels, float temperature, int ignore_index, str reduction, "
+      "bool student_grad) -> (Tensor loss, Tensor grad_student)");
 }

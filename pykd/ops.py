@@ -9,11 +9,15 @@ import torch
 
 from . import _C  # noqa: F401
 
-__all__ = ["kd_loss", "scale_grads_", "hint_loss", "scale_saved_grads", "functional_backward"]
+__all__ = [
+    "kd_loss", "scale_grads_", "hint_loss", "sparse_kd_loss", "scale_saved_grads",
+    "functional_backward",
+]
 
 kd_loss = torch.ops.pykd.kd_loss
 scale_grads_ = torch.ops.pykd.scale_grads_
 hint_loss = torch.ops.pykd.hint_loss
+sparse_kd_loss = torch.ops.pykd.sparse_kd_loss
 
 
 def accumulation_dtype(dtype):
@@ -248,3 +252,65 @@ def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
 torch.library.register_autograd(
     "pykd::hint_loss", _hint_loss_backward, setup_context=_hint_loss_setup_context
 )
+
+
+@torch.library.register_fake("pykd::sparse_kd_loss")
+def _sparse_kd_loss_fake(
+    student_logits, teacher_values, teacher_indices, teacher_lse, labels, temperature,
+    ignore_index, reduction, student_grad,
+):
+    dtype = torch.promote_types(student_logits.dtype, teacher_values.dtype)
+    shape = student_logits.shape[:-1] if reduction == "none" else ()
+    loss = student_logits.new_empty(shape, dtype=dtype)
+    grad = student_logits.new_empty(student_logits.shape if student_grad else (0,))
+    return loss, grad
+
+
+def _sparse_kd_loss_setup_context(ctx, inputs, output):
+    ctx.student_grad = inputs[-1]
+    save_grads_for_backward(ctx, [output[1]])
+
+
+def _sparse_kd_loss_backward(ctx, grad_loss, _grad_student):
+    # The teacher's values and log-sum-exp are data, like a target: they get no gradient.
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 9
+    if not ctx.student_grad:
+        raise RuntimeError(
+            "sparse_kd_loss: a gradient is needed that the forward did not compute; call "
+            "torch.ops.pykd.sparse_kd_loss with student_grad set when student_logits requires "
+            "grad (pykd.sparse_kd_loss does this)"
+        )
+    (grad_student,) = saved_grads(ctx, "sparse_kd_loss")
+    (scaled,) = first_order_only("sparse_kd_loss", scale_saved_grads([grad_student], grad_loss))
+    return (scaled,) + (None,) * 8
+
+
+torch.library.register_autograd(
+    "pykd::sparse_kd_loss", _sparse_kd_loss_backward, setup_context=_sparse_kd_loss_setup_context
+)
+
+
+class _EagerSparseKDLoss(torch.autograd.Function):
+    """The autograd registered above, for eager calls (as _EagerKDLoss)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = sparse_kd_loss(*inputs)
+        _sparse_kd_loss_setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _sparse_kd_loss_backward(ctx, *grads)
+
+
+def sparse_kd_loss_with_autograd(*inputs):
+    """torch.ops.pykd.sparse_kd_loss(*inputs) with its autograd, the fastest way for the caller."""
+    if torch.compiler.is_compiling():
+        return sparse_kd_loss(*inputs)
+    if torch.is_grad_enabled() and inputs[-1]:
+        return _EagerSparseKDLoss.apply(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return sparse_kd_loss(*inputs)

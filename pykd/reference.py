@@ -91,3 +91,62 @@ def hint_loss(student_features, teacher_features, weights=None):
     return sum(
         w * F.mse_loss(s, t) for s, t, w in zip(student_features, teacher_features, weights)
     )
+
+
+def sparse_kd_loss(student_logits, teacher_values, teacher_indices, temperature=1.0,
+                   reduction="batchmean", *, teacher_lse=None, labels=None, ignore_index=-100):
+    """pykd.sparse_kd_loss from its formulas, in float64 (differentiable in the student),
+    returned in promote_types(student, values). q, the student's mass outside the named classes,
+    is the log-sum-exp of its log-probabilities over those classes; repeated indices are separate
+    entries."""
+    dtype = torch.promote_types(student_logits.dtype, teacher_values.dtype)
+    s, v, idx = student_logits.double(), teacher_values.double(), teacher_indices.long()
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    if teacher_lse is None:
+        log_p = F.log_softmax(v / temperature, dim=-1)
+    else:
+        log_p = v / temperature - teacher_lse.double().unsqueeze(-1)
+    p = log_p.exp()
+    log_ps_k = log_ps.gather(-1, idx)
+    rows = torch.where(p > 0, p * (log_p - log_ps_k), torch.zeros_like(p)).sum(-1)
+    if teacher_lse is not None:
+        named = torch.zeros_like(s, dtype=torch.bool).scatter(-1, idx, True)
+        every_class = named.all(-1)
+        r = torch.where(every_class, 0.0, (1 - p.sum(-1)).clamp(min=0))
+        # Rows without a tail take the unmasked log-sum-exp (0): its value is not used, and its
+        # gradient stays finite.
+        tail_classes = named & ~every_class.unsqueeze(-1)
+        log_q = torch.logsumexp(log_ps.masked_fill(tail_classes, -math.inf), dim=-1)
+        safe_r = torch.where(r > 0, r, 1.0)
+        rows = rows + torch.where(r > 0, r * (torch.log(safe_r) - log_q), torch.zeros_like(r))
+    rows = temperature**2 * rows
+    valid = None if labels is None else labels != ignore_index
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        count = max(rows.numel(), 1) if valid is None else valid.sum().clamp(min=1)
+        loss = rows.sum() / count
+    return loss.to(dtype)
+
+
+def eager_sparse_kd_loss(student_logits, teacher_values, teacher_indices, temperature=1.0,
+                         teacher_lse=None):
+    """The sparse-teacher loss as one writes it in eager PyTorch (gather + log_softmax), in the
+    inputs' dtypes, "batchmean" over all rows; with teacher_lse the tail bucket's q as
+    1 - sum of the gathered student probabilities. The benchmarks' baseline."""
+    log_ps = F.log_softmax(student_logits / temperature, dim=-1).gather(-1, teacher_indices.long())
+    if teacher_lse is None:
+        log_p = F.log_softmax(teacher_values / temperature, dim=-1)
+    else:
+        log_p = teacher_values / temperature - teacher_lse.unsqueeze(-1)
+    p = log_p.exp()
+    rows = (p * (log_p - log_ps)).sum(-1)
+    if teacher_lse is not None:
+        r = (1 - p.sum(-1)).clamp(min=1e-12)
+        q = (1 - log_ps.exp().sum(-1)).clamp(min=1e-12)
+        rows = rows + r * (r.log() - q.log())
+    return rows.sum() / max(rows.numel(), 1) * temperature**2

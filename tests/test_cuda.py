@@ -524,3 +524,111 @@ def test_compile_reduce_overhead(dtype):
     compiled_matches_eager(
         torch.compile(distillation_step, mode="reduce-overhead"), dtype, steps=4)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+# ---- sparse_kd_loss (a teacher kept as its top-k) ----
+
+def sparse_inputs(rows, classes, k, dtype, values_dtype, index_dtype=torch.int64, seed=0):
+    student = logits((rows, classes), dtype, seed=seed)
+    teacher = logits((rows, classes), torch.float32, seed=seed + 1)
+    values, indices = teacher.topk(k, dim=-1)
+    lse = torch.logsumexp(teacher.double() / 2.0, dim=-1)
+    lse = lse.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    return student, values.to(values_dtype), indices.to(index_dtype), lse
+
+
+def sparse_check(student, values, indices, lse=None, labels=None, reduction="batchmean"):
+    """The CUDA op against the CPU op on the same inputs and against the float64 reference."""
+    def run(s, v, i, t_lse, lab):
+        s = s.detach().clone().requires_grad_()
+        loss = pykd.sparse_kd_loss(s, v, i, 2.0, reduction, teacher_lse=t_lse, labels=lab)
+        loss.backward(torch.full_like(loss, 0.5))
+        return loss.detach(), s.grad
+
+    cpu = lambda x: None if x is None else x.cpu()  # noqa: E731
+    loss, grad = run(student, values, indices, lse, labels)
+    cpu_loss, cpu_grad = run(*(cpu(x) for x in (student, values, indices, lse, labels)))
+    s64 = student.detach().double().cpu().requires_grad_()
+    ref = reference.sparse_kd_loss(s64, cpu(values), cpu(indices), 2.0, reduction,
+                                   teacher_lse=cpu(lse), labels=cpu(labels))
+    ref.backward(torch.full_like(ref, 0.5))
+    rtol, atol = TOLERANCES[student.dtype if values.dtype != torch.bfloat16 else torch.bfloat16]
+    rows = student.shape[0] if reduction == "batchmean" else 1
+    grad_atol = atol * 0.5 * max(finite_max(student), 2.0) / rows
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=rtol,
+                               atol=atol * (ref.abs().max().item() + 1))
+    torch.testing.assert_close(grad.cpu().double(), s64.grad, rtol=rtol, atol=grad_atol)
+    torch.testing.assert_close(loss.cpu().double(), cpu_loss.double(), rtol=rtol,
+                               atol=atol * (ref.abs().max().item() + 1))
+    torch.testing.assert_close(grad.cpu().double(), cpu_grad.double(), rtol=rtol, atol=grad_atol)
+
+
+SPARSE_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                 (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                 (torch.float64, torch.float64)]
+
+
+@pytest.mark.parametrize("pair", SPARSE_DTYPES, ids=pair_id)
+@pytest.mark.parametrize("classes,k", [(10, 3), (1000, 64), (32000, 64), (128256, 64),
+                                       (5000, 2000)])
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sparse_kd_loss_matches_cpu_and_reference(pair, classes, k, with_lse, index_dtype):
+    s, v, i, lse = sparse_inputs(rows_for(classes), classes, k, *pair, index_dtype=index_dtype)
+    sparse_check(s, v, i, lse if with_lse else None)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_sparse_kd_loss_masks_and_reductions(reduction, with_lse):
+    s, v, i, lse = sparse_inputs(67, 4000, 16, torch.float32, torch.bfloat16)
+    sparse_check(s, v, i, lse if with_lse else None, random_labels(67, 4000), reduction)
+    none_valid = torch.full((67,), -100, device="cuda")
+    s = s.requires_grad_()
+    loss = pykd.sparse_kd_loss(s, v, i, labels=none_valid, teacher_lse=lse if with_lse else None)
+    loss.backward()
+    assert loss.item() == 0 and (s.grad == 0).all()
+
+
+def test_sparse_kd_loss_repeated_indices_and_small_tail():
+    s, v, i, lse = sparse_inputs(5, 3000, 20, torch.float32, torch.float32)
+    i[:, 5] = i[:, 2]
+    i[1, 7] = i[1, 9] = i[1, 0]
+    sparse_check(s, v, i, lse)
+    sparse_check(s, v, i)
+    # The top-k holds nearly all of the student's mass: q summed over the tail stays exact.
+    s = torch.zeros_like(s).scatter(-1, i, 120.0)
+    sparse_check(s, v, i, lse, reduction="none")
+
+
+def test_sparse_kd_loss_index_out_of_range_is_a_device_assert():
+    code = (
+        "import torch, pykd\n"
+        "s = torch.randn(4, 10, device='cuda')\n"
+        "i = torch.tensor([[0, 1], [2, 10], [3, 4], [5, 6]], device='cuda')\n"
+        "loss = pykd.sparse_kd_loss(s, torch.randn(4, 2, device='cuda'), i)\n"
+        "torch.cuda.synchronize()\n"
+        "print('no error')\n"
+    )
+    result = run_python(["-c", code])
+    assert result.returncode != 0 and "no error" not in result.stdout, result.stdout
+    assert "assert" in result.stderr.lower(), result.stderr[-2000:]
+
+
+def test_sparse_kd_loss_cuda_graph_and_compile():
+    s, v, i, lse = sparse_inputs(16, 2000, 8, torch.float32, torch.float32)
+    labels = random_labels(16, 2000)
+    compiled = torch.compile(pykd.sparse_kd_loss, fullgraph=True)
+    expected = pykd.sparse_kd_loss(s, v, i, 2.0, teacher_lse=lse, labels=labels)
+    torch.testing.assert_close(compiled(s, v, i, 2.0, teacher_lse=lse, labels=labels), expected)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pykd.sparse_kd_loss(s, v, i, 2.0, teacher_lse=lse, labels=labels)  # warm-up
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        out = pykd.sparse_kd_loss(s, v, i, 2.0, teacher_lse=lse, labels=labels)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
