@@ -59,4 +59,18 @@ TORCH_LIBRARY(pykd, m) {
       "sparse_kd_loss(Tensor student_logits, Tensor teacher_values, Tensor teacher_indices, "
       "Tensor? teacher_lse, Tensor? labels, float temperature, int ignore_index, str reduction, "
       "bool student_grad) -> (Tensor loss, Tensor grad_student)");
+  // Several teachers (SPEC section 1): row r's loss is
+  //   sum_k weights[k] * T^2 * KL(p_tk || p_s)
+  // over K = len(teacher_logits) teachers (1 to 32, each of the student's shape, all of one dtype;
+  // float16/bfloat16/float32 with any of those for the student, or all float64), weights finite
+  // and >= 0. labels / ignore_index, reduction, the loss's dtype (promote_types(student,
+  // teachers)) and the meaning of student_grad / teacher_grad are kd_loss's. One pass: the
+  // student row and the K teacher rows are read once by one kernel, which also writes
+  //   grad_student   = T / D * (sum_k w_k * p_s - sum_k w_k * p_tk)
+  //   grad_teacher[k] = T / D * w_k * p_tk * (log p_tk - log p_s - KL_k)
+  // when asked (the teachers' gradients all or none; an empty list when not asked for).
+  m.def(
+      "multi_teacher_kd_loss(Tensor student_logits, Tensor[] teacher_logits, float[] weights, "
+      "Tensor? labels, float temperature, int ignore_index, str reduction, bool student_grad, "
+      "bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor[] grad_teacher)");
 }

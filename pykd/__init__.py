@@ -3,8 +3,9 @@ from . import ops  # noqa: F401  (registers fake kernels and autograd for torch.
 from .fused_linear import FusedLinearKDLoss
 from .hint import FeatureCapture, HintRegressor, hint_loss
 from .loss import KDLoss, kd_loss
+from .multi_teacher import multi_teacher_kd_loss
 from .sparse import sparse_kd_loss
 
 __all__ = ["FeatureCapture", "FusedLinearKDLoss", "HintRegressor", "KDLoss", "hint_loss", "kd_loss",
-           "sparse_kd_loss"]
+           "multi_teacher_kd_loss", "sparse_kd_loss"]
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ import torch
 from . import _C  # noqa: F401
 
 __all__ = [
-    "kd_loss", "scale_grads_", "hint_loss", "sparse_kd_loss", "scale_saved_grads",
+    "kd_loss", "scale_grads_", "hint_loss", "sparse_kd_loss", "multi_teacher_kd_loss",
+    "scale_saved_grads",
     "functional_backward",
 ]
 
@@ -18,6 +19,7 @@ kd_loss = torch.ops.pykd.kd_loss
 scale_grads_ = torch.ops.pykd.scale_grads_
 hint_loss = torch.ops.pykd.hint_loss
 sparse_kd_loss = torch.ops.pykd.sparse_kd_loss
+multi_teacher_kd_loss = torch.ops.pykd.multi_teacher_kd_loss
 
 
 def accumulation_dtype(dtype):
@@ -314,3 +316,90 @@ def sparse_kd_loss_with_autograd(*inputs):
         return _EagerSparseKDLoss.apply(*inputs)
     with torch._C._AutoDispatchBelowAutograd():
         return sparse_kd_loss(*inputs)
+@torch.library.register_fake("pykd::multi_teacher_kd_loss")
+def _multi_teacher_kd_loss_fake(
+    student_logits, teacher_logits, weights, labels, temperature, ignore_index, reduction,
+    student_grad, teacher_grad,
+):
+    dtype = torch.promote_types(student_logits.dtype, teacher_logits[0].dtype)
+    shape = student_logits.shape[:-1] if reduction == "none" else ()
+    loss = student_logits.new_empty(shape, dtype=dtype)
+    grad_student = student_logits.new_empty(student_logits.shape if student_grad else (0,))
+    grad_teacher = [t.new_empty(t.shape) for t in teacher_logits] if teacher_grad else []
+    return loss, grad_student, grad_teacher
+
+
+# The op's inputs, in schema order: student_logits, teacher_logits, weights, labels, temperature,
+# ignore_index, reduction, student_grad, teacher_grad.
+_MULTI_TEACHER_ARGS = 9
+
+
+def _multi_teacher_setup_context(ctx, inputs, output):
+    _, grad_student, grad_teacher = output
+    ctx.student_grad, ctx.teacher_grad = inputs[-2:]
+    ctx.teachers = len(inputs[1])
+    save_grads_for_backward(ctx, [grad_student, *grad_teacher])
+
+
+def _multi_teacher_grads(ctx, grad_loss, needs_student, needs_teachers):
+    """(student gradient or None, [teacher gradient or None] * K) for the upstream grad_loss."""
+    if grad_loss is None:  # only the (non-differentiable) gradient outputs were used
+        return None, [None] * ctx.teachers
+    if (needs_student and not ctx.student_grad) or (any(needs_teachers) and not ctx.teacher_grad):
+        raise RuntimeError(
+            "multi_teacher_kd_loss: a gradient is needed that the forward did not compute; call "
+            "torch.ops.pykd.multi_teacher_kd_loss with student_grad/teacher_grad set for the "
+            "inputs that require grad (pykd.multi_teacher_kd_loss does this)"
+        )
+    saved = saved_grads(ctx, "multi_teacher_kd_loss")
+    grad_student, grad_teachers = saved[0], list(saved[1:])
+    wanted = ([grad_student] if needs_student else []) + [
+        g for g, need in zip(grad_teachers, needs_teachers) if need
+    ]
+    scaled = iter(first_order_only("multi_teacher_kd_loss", scale_saved_grads(wanted, grad_loss)))
+    student = next(scaled) if needs_student else None
+    return student, [next(scaled) if need else None for need in needs_teachers]
+
+
+def _multi_teacher_backward(ctx, grad_loss, _grad_student, _grad_teacher):
+    needs_student, needs_teachers = ctx.needs_input_grad[:2]  # a list's: one bool per tensor
+    student, teachers = _multi_teacher_grads(ctx, grad_loss, needs_student, needs_teachers)
+    return (student, teachers) + (None,) * (_MULTI_TEACHER_ARGS - 2)
+
+
+torch.library.register_autograd(
+    "pykd::multi_teacher_kd_loss", _multi_teacher_backward,
+    setup_context=_multi_teacher_setup_context,
+)
+
+
+class _EagerMultiTeacherKDLoss(torch.autograd.Function):
+    """The autograd registered above for eager calls from pykd.multi_teacher_kd_loss, as
+    _EagerKDLoss does for kd_loss (no per-call schema handling of torch.library's wrapper). The
+    teachers come last and one by one, so that autograd sees each of them as an input."""
+
+    @staticmethod
+    def forward(ctx, student_logits, settings, *teacher_logits):
+        inputs = (student_logits, list(teacher_logits), *settings)
+        with torch._C._AutoDispatchBelowAutograd():
+            output = multi_teacher_kd_loss(*inputs)
+        _multi_teacher_setup_context(ctx, inputs, output)
+        return output[0], output[1], *output[2]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grads):
+        needs = ctx.needs_input_grad
+        student, teachers = _multi_teacher_grads(ctx, grad_loss, needs[0], list(needs[2:]))
+        return (student, None, *teachers)
+
+
+def multi_teacher_kd_loss_with_autograd(*inputs):
+    """The loss of torch.ops.pykd.multi_teacher_kd_loss(*inputs) with its autograd, the fastest
+    way for the caller."""
+    if torch.compiler.is_compiling():
+        return multi_teacher_kd_loss(*inputs)[0]
+    student, teachers, *settings = inputs
+    if torch.is_grad_enabled() and (inputs[-2] or inputs[-1]):
+        return _EagerMultiTeacherKDLoss.apply(student, tuple(settings), *teachers)[0]
+    with torch._C._AutoDispatchBelowAutograd():
+        return multi_teacher_kd_loss(*inputs)[0]

@@ -120,6 +120,22 @@ def sparse_kd_loss(student_logits, teacher_values, teacher_indices, temperature=
         safe_r = torch.where(r > 0, r, 1.0)
         rows = rows + torch.where(r > 0, r * (torch.log(safe_r) - log_q), torch.zeros_like(r))
     rows = temperature**2 * rows
+def multi_teacher_kd_loss(student_logits, teacher_logits, weights=None, temperature=1.0,
+                          reduction="batchmean", *, labels=None, ignore_index=-100):
+    """sum_k w_k * T^2 * KL(p_tk || p_s) per row, term by term in float64 (differentiable),
+    returned in the promoted dtype; masks and reductions as kd_loss's above. teacher_logits: a
+    stacked [K, ...] tensor or a list; weights default to 1/K."""
+    teachers = list(teacher_logits)
+    if weights is None:
+        weights = [1.0 / len(teachers)] * len(teachers)
+    dtype = torch.promote_types(student_logits.dtype, teachers[0].dtype)
+    log_ps = F.log_softmax(student_logits.double() / temperature, dim=-1)
+    rows = 0
+    for w, t in zip(weights, teachers):
+        log_pt = F.log_softmax(t.double() / temperature, dim=-1)
+        pt = log_pt.exp()
+        terms = pt * torch.where(pt > 0, log_pt - log_ps, torch.zeros_like(pt))  # 0 * log 0 = 0
+        rows = rows + float(w) * temperature**2 * terms.sum(-1)
     valid = None if labels is None else labels != ignore_index
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros_like(rows))
