@@ -29,6 +29,7 @@ cached logits are exactly what the live teacher computes for the images the stud
 augmentation a cache would hold the un-augmented images' logits instead.
 """
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -116,8 +117,8 @@ def _preallocate(f, size):
     try:
         os.posix_fallocate(f.fileno(), 0, size)
     except (AttributeError, OSError) as e:
-        if isinstance(e, OSError) and e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL
-            raise
+        if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise  # a file system without fallocate gets a plain (sparse) truncate
         f.truncate(size)
 
 
@@ -162,6 +163,9 @@ def write_cache(path, logits_batches, *, rows, num_classes, top_k, temperature, 
                     0 < len(logits) <= rows - done):
                 raise ValueError(f"teacher logits {tuple(logits.shape)} after {done} of {rows} "
                                  f"rows: expected [b, {num_classes}] batches of {rows} rows")
+            if not torch.isfinite(logits).all():
+                raise ValueError(f"the teacher's logits are not finite in rows {done} to "
+                                 f"{done + len(logits) - 1}: a diverged teacher cannot be cached")
             arrays = top_k_rows(logits, top_k, temperature, values_dtype)
             for name, tensor in zip(("values", "indices", "lse"), arrays):
                 _, shape, begin, _ = layout[name]

@@ -127,6 +127,9 @@ def test_write_is_atomic(tmp_path):
         write_cache(path, fake_batches(64), header=header, **settings)
     with pytest.raises(ValueError, match=r"teacher logits \(16, 10\) after 96 of 100 rows"):
         write_cache(path, fake_batches(112), header=header, **settings)
+    with pytest.raises(ValueError, match="logits are not finite in rows 0 to 15"):
+        write_cache(path, (torch.full((16, 10), float("nan")) for _ in range(7)), header=header,
+                    **settings)
     assert path.read_bytes() == before  # the earlier cache is untouched
     assert os.listdir(tmp_path) == ["cache.safetensors"]  # and no temporary file is left
     with pytest.raises(RuntimeError, match="the teacher crashed"):
