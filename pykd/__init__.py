@@ -6,6 +6,15 @@ from .loss import KDLoss, kd_loss
 from .multi_teacher import multi_teacher_kd_loss
 from .sparse import sparse_kd_loss
 
-__all__ = ["FeatureCapture", "FusedLinearKDLoss", "HintRegressor", "KDLoss", "hint_loss", "kd_loss",
-           "multi_teacher_kd_loss", "sparse_kd_loss"]
+__all__ = ["FeatureCapture", "FusedLinearKDLoss", "HintRegressor", "KDLoss", "TeacherCache",
+           "hint_loss", "kd_loss", "multi_teacher_kd_loss", "sparse_kd_loss"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The teacher cache needs numpy (the `train` extra): imported on first use, not with pykd.
+    if name == "TeacherCache":
+        from .teacher_cache import TeacherCache
+
+        return TeacherCache
+    raise AttributeError(f"module 'pykd' has no attribute {name!r}")

@@ -386,7 +386,9 @@ def cmd_train(args):
 
 
 def distill_arguments(p):
-    p.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's .pt")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", metavar="CHECKPOINT", help="the teacher's .pt")
+    teacher_cache_argument(source)
     p.add_argument("--student", required=True, metavar="NAME",
                    help="the student model (a name as for train --model)")
     p.add_argument("--name", help="run name in --out (default: STUDENT-distilled)")
@@ -399,6 +401,8 @@ def cmd_distill(args):
     """Distil a trained teacher into a student."""
     from .train import run
 
+    if args.teacher_cache is not None:
+        return distill_from_cache(args)
     _device(args)
     _check_model(args.student, "--student")
     name = _run_name(args, f"{args.student}-distilled")
@@ -409,6 +413,97 @@ def cmd_distill(args):
                   **_run_options(args))
     if _is_main():
         _print_result(name, metrics)
+
+
+def teacher_cache_argument(group):
+    group.add_argument("--teacher-cache", metavar="FILE",
+                       help="distil from a cache that pykd cache-teacher wrote, without loading "
+                       "the teacher (its T, data set, split seed and train fraction are the "
+                       "defaults of --temperature, --dataset, --data-seed and --train-fraction; "
+                       "only the KD and hard-label terms)")
+
+
+def distill_from_cache(args):
+    """distill --teacher-cache: the student learns from the cached top-k teacher logits with
+    pykd.sparse_kd_loss in its exact mode (the cache's log-sum-exps), rows looked up by each
+    training image's index in the split."""
+    from .teacher_cache import TeacherCache
+    from .train import option, run
+
+    _device(args)
+    _check_model(args.student, "--student")
+    unused = _given(args, "logit_weight", "hint_weight", "hint_layers")
+    if unused:
+        raise UsageError(f"{option(unused[0])} needs the teacher's full logits and features, "
+                         "which --teacher-cache does not hold: distil from --teacher for it")
+    cache = TeacherCache(args.teacher_cache)
+    if not _given(args, "temperature"):
+        args.temperature = cache.temperature  # a --temperature given is checked against it
+    name = _run_name(args, f"{args.student}-distilled")
+    config = _config(args, distilling=True)
+    _claim(args, [name])
+    cached = cache.data  # the split the cache was written for, unless the options say otherwise
+    spec = args.dataset or cached["spec"]
+    data_seed = cached["data_seed"] if args.data_seed is None else args.data_seed
+    train_fraction = args.train_fraction if _given(args, "train_fraction") \
+        else cached["train_fraction"]
+    splits, data = _load_data(spec, data_seed, train_fraction, cached["mean"], cached["std"])
+    metrics = run(args.student, splits, data, config, args.out, name, teacher_cache=cache,
+                  **_run_options(args))
+    if _is_main():
+        _print_result(name, metrics)
+
+
+def cache_teacher_arguments(p):
+    p.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's .pt")
+    p.add_argument("--top-k", required=True, type=positive_int, metavar="K",
+                   help="logits kept per image (at most the number of classes)")
+    p.add_argument("--temperature", type=positive_float, default=4.0, metavar="T",
+                   help="T of the stored log-sum-exps; distill --teacher-cache trains at it "
+                   "(default: %(default)s, distill's)")
+    p.add_argument("--values-dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                   help="how the top-k logits are stored (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the cache to write (one safetensors file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+    data_arguments(p, inherit="the teacher's")
+    g = p.add_argument_group("inference")
+    g.add_argument("--batch-size", type=positive_int, default=256, metavar="N",
+                   help="images per teacher forward pass (default: %(default)s)")
+    device_arguments(g)
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (shown only on a terminal)")
+
+
+def cmd_cache_teacher(args):
+    """Store a teacher's top-k logits on a training split, for distill --teacher-cache."""
+    from .teacher_cache import cache_teacher
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("cache-teacher runs in one process: start it without torchrun (distill "
+                         "--teacher-cache then runs under torchrun, each rank reading the cache)")
+    device = _device(args)
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a directory: name the cache file to write")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UsageError(f"{args.out} exists: pass --overwrite to replace it (or choose another "
+                         "--out)")
+    splits, data = _teacher_data(args)
+    if args.top_k > splits.num_classes:
+        raise UsageError(f"--top-k {args.top_k} is more than the {splits.num_classes} classes "
+                         f"of --dataset {data['spec']}")
+    cache, timings = cache_teacher(
+        args.out, args.teacher, splits, data, top_k=args.top_k, temperature=args.temperature,
+        values_dtype=args.values_dtype, batch_size=args.batch_size, device=device,
+        bf16=args.bf16, progress=not args.no_progress and sys.stderr.isatty())
+    seconds = timings["teacher_s"] + timings["write_s"]
+    print(f"wrote {args.out}: the top {cache.top_k} of {cache.num_classes} logits "
+          f"({cache.values_dtype}) and the log-sum-exp at T = {cache.temperature:g} of "
+          f"{len(cache)} training images of {data['spec']} (data seed {data['data_seed']}, train "
+          f"fraction {data['train_fraction']:g}) from {args.teacher}; "
+          f"{os.path.getsize(args.out) / 2 ** 20:.2f} MiB in {seconds:.3f} s "
+          f"({len(cache) / seconds:.0f} images/s: teacher {timings['teacher_s']:.3f} s, top-k and "
+          f"writing {timings['write_s']:.3f} s)", flush=True)
 
 
 def eval_arguments(p):
@@ -900,6 +995,7 @@ COMMANDS = [
     ("demo", cmd_demo, demo_arguments),
     ("train", cmd_train, train_arguments),
     ("distill", cmd_distill, distill_arguments),
+    ("cache-teacher", cmd_cache_teacher, cache_teacher_arguments),
     ("eval", cmd_eval, eval_arguments),
     ("sweep", cmd_sweep, sweep_arguments),
     ("mutual", cmd_mutual, mutual_arguments),
@@ -911,6 +1007,7 @@ COMMANDS = [
 EXTRAS = {"numpy": "numpy", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 NEEDS = {"demo": ("numpy", "sklearn", "matplotlib"), "sweep": ("numpy", "sklearn", "matplotlib"),
          "train": ("numpy", "sklearn"), "distill": ("numpy", "sklearn"),
+         "cache-teacher": ("numpy", "sklearn"),
          "eval": ("numpy", "sklearn"), "mutual": ("numpy", "sklearn", "matplotlib"),
          "multistudent": ("numpy", "sklearn", "matplotlib")}
 

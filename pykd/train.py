@@ -341,6 +341,8 @@ def _settings(meta, config):
         "model arguments": meta.get("model_args"),
         "--teacher": teacher and f"{teacher['path']} (run {teacher['run_id']}, "
                                  f"{teacher['epoch']} epochs)",
+        "--teacher-cache": teacher and teacher.get("cache") and (
+            f"{teacher['cache']['path']} (cache {teacher['cache']['id']})"),
         # runs whose outputs made the labels (the students a selector learns to choose from)
         "--students": meta.get("students"),
         **{option(k): v for k, v in config.items() if k != "epochs"},
@@ -596,10 +598,12 @@ def _meta(model, splits, meta):
 
 
 def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resume_from=None,
-        on_epoch_end=None, device=None, log=None):
+        on_epoch_end=None, device=None, log=None, teacher_cache=None):
     """Trains `model` (any nn.Module giving [B, C] logits) on `splits` (pykd.data.Splits).
 
-    With `teacher`, distils it into `model` with the losses of `config`. A :class:`Cohort`
+    With `teacher`, distils it into `model` with the losses of `config`; with `teacher_cache`
+    (a pykd.TeacherCache of the training split, checked against it) distils its stored top-k
+    logits instead (the KD and hard-label terms only: no logit or hint term). A :class:`Cohort`
     trains its students by mutual learning (:func:`peer_loss`, with config's temperature and
     weights); its history, "val" and "test" then hold a list per value, one entry per student.
     With `checkpoint` (a path), saves the resumable state after every epoch; `meta` is stored
@@ -611,7 +615,12 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
 
     Returns {"history", "val", "test", "state"}: "state" is the checkpoint dict of the end.
     """
-    distilling = teacher is not None
+    if teacher is not None and teacher_cache is not None:
+        raise ValueError("distil from a teacher or from a teacher cache, not both")
+    if teacher_cache is not None and (config.logit_weight or config.hint_weight):
+        raise ValueError("--logit-weight and --hint-weight need the teacher's full logits and "
+                         "features, which a teacher cache does not hold: distil from --teacher")
+    distilling = teacher is not None or teacher_cache is not None
     peers = isinstance(model, Cohort)
     if peers and (distilling or config.logit_weight or config.hint_weight
                   or config.nuclear_weight):
@@ -624,6 +633,10 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
         raise ValueError(f"--batch-size {config.batch_size} is the global batch: it must be a "
                          f"multiple of the {ctx.world} processes")
     meta = _meta(model, splits, meta)
+    if teacher_cache is not None:
+        from .teacher_cache import distillation_loss as teacher_cache_loss  # needs numpy
+
+        teacher_cache.check(splits, config.temperature, meta["data"])
     hint_layers = [tuple(p) for p in config.hint_layers] if distilling and config.hint_weight \
         else []
     model.to(ctx.device)
@@ -631,7 +644,7 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
     teacher_capture = None
     teacher_shapes = []
     example = splits.train_x[:2].to(ctx.device)
-    if distilling:
+    if teacher is not None:
         teacher.to(ctx.device).eval().requires_grad_(False)
         if hint_layers:
             _check_layers("student", model, [s for s, _ in hint_layers])
@@ -670,7 +683,8 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
         trainable = nn.parallel.DistributedDataParallel(
             student, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    dataset = TensorDataset(splits.train_x, splits.train_y)
+    # Each batch brings its images' indices in the split: the rows of a teacher cache.
+    dataset = TensorDataset(splits.train_x, splits.train_y, torch.arange(len(splits.train_y)))
     # The sampler's order depends only on (seed, epoch): the same after a resume, and sharded.
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True,
                                  seed=config.seed)
@@ -699,7 +713,7 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
             # per student (one, or a cohort's K): loss, cross-entropy, KD term, correct; count
             sums = torch.zeros(4 * members + 1, dtype=torch.float64, device=ctx.device)
             batches = _progress(loader, show, f"{meta['model']} epoch {epoch + 1}/{config.epochs}")
-            for inputs, labels in batches:
+            for inputs, labels, rows in batches:
                 inputs, labels = inputs.to(ctx.device), labels.to(ctx.device)
                 kd_term = torch.zeros(members, device=ctx.device)
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=config.bf16):
@@ -713,6 +727,9 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                                 lambda s, t, _: pykd.kd_loss(s.float(), t.float(),
                                                              config.temperature),
                                 logits.detach(), labels)
+                    elif teacher_cache is not None:
+                        loss, kd_term = teacher_cache_loss(teacher_cache, logits, labels, rows,
+                                                           config)
                     elif distilling:
                         with torch.no_grad():
                             teacher_logits = teacher(inputs)
@@ -885,7 +902,8 @@ def _member_run(name, metrics, state, k, cost):
 
 
 def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, resume=False,
-        overwrite=False, device=None, tensorboard=False, on_epoch_end=None, meta=None):
+        overwrite=False, device=None, tensorboard=False, on_epoch_end=None, meta=None,
+        teacher_cache=None):
     """Builds `model_name` (seeded), trains or distils it, and writes `out_dir/name.pt` and
     `out_dir/name.json` (history, val/test metrics, cost) together once everything has
     succeeded. Returns the metrics dict.
@@ -898,7 +916,8 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     selector's labels).
     Under torchrun every rank returns once rank 0 has written the files.
 
-    `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from. An
+    `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from, or
+    `teacher_cache` a pykd.TeacherCache of its outputs (the teacher model is then not loaded). An
     existing run of that name is continued only with `resume` and replaced only with
     `overwrite` (see :func:`check_out`). While it trains, the state after each epoch is kept
     in `name.partial.pt`, each epoch's record appended to `name.epochs.jsonl` and a line per
@@ -915,6 +934,8 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     teacher, teacher_record = None, None
     if teacher_path is not None:
         teacher, teacher_record = load_teacher(teacher_path, data["spec"], splits.classes)
+    if teacher_cache is not None:
+        teacher_record = teacher_cache.record()
     model_args = {"num_classes": splits.num_classes, "in_channels": splits.train_x.shape[1],
                   "image_size": splits.train_x.shape[-1]}
     names = [model_name] if isinstance(model_name, str) else list(model_name)
@@ -935,7 +956,7 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     try:
         result = fit(model, splits, config, teacher=teacher, checkpoint=files["partial"],
                      meta=meta, resume_from=source, on_epoch_end=on_epoch_end, device=device,
-                     log=log)
+                     log=log, teacher_cache=teacher_cache)
     finally:
         if log is not None:
             log.close()

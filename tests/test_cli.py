@@ -691,7 +691,7 @@ def readme_options():
     text = open(README).read()
     section = text.split("### Options of each command", 1)[1].split("\n#", 1)[0]
     return {m[1]: set(re.findall(r"`(--[a-z0-9-]+)", m[2]))
-            for m in re.finditer(r"^\| `pykd (\w+)` \|(.*)\|$", section, re.M)}
+            for m in re.finditer(r"^\| `pykd ([\w-]+)` \|(.*)\|$", section, re.M)}
 
 
 def test_readme_lists_every_option_of_every_command():
