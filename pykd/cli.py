@@ -91,8 +91,9 @@ unit_weight = _number(float, 0, high=1)
 fraction = _number(float, 0, low_open=True, high=1)
 
 
-def _list(parse_one, what):
-    """A parser of comma-separated values, each parsed by `parse_one`, none repeated."""
+def _list(parse_one, what, unique=True):
+    """A parser of comma-separated values, each parsed by `parse_one` (none repeated if
+    `unique`)."""
 
     def parse(text):
         items = [t.strip() for t in text.split(",")]
@@ -104,7 +105,7 @@ def _list(parse_one, what):
                 values.append(parse_one(item))
             except argparse.ArgumentTypeError as e:
                 raise argparse.ArgumentTypeError(f"{item}: {e}") from None
-        if len(set(values)) != len(values):
+        if unique and len(set(values)) != len(values):
             raise argparse.ArgumentTypeError(f"{text!r} repeats a value")
         return values
 
@@ -115,6 +116,7 @@ seed_list = _list(seed_type, "seeds")
 model_list = _list(str, "model names")
 temperature_list = _list(positive_float, "temperatures")
 weight_list = _list(unit_weight, "weights")
+teacher_weight_list = _list(weight, "weights", unique=False)
 
 
 def layer_pair(text):
@@ -277,17 +279,17 @@ def _load_data(spec, data_seed, train_fraction, mean=None, std=None):
     return splits, data_meta(spec, data_seed, train_fraction, splits)
 
 
-def _teacher_data(args):
-    """The splits for distilling from --teacher: its data set and split seed unless --dataset
-    or --data-seed say otherwise, always normalised with the teacher's statistics so that it
-    sees the inputs it was trained on."""
+def _teacher_data(args, teacher):
+    """The splits for distilling from the checkpoint `teacher`: its data set and split seed
+    unless --dataset or --data-seed say otherwise, always normalised with the teacher's
+    statistics so that it sees the inputs it was trained on."""
     from .train import load_checkpoint
 
-    data = load_checkpoint(args.teacher)["data"]
+    data = load_checkpoint(teacher)["data"]
     spec = args.dataset or data["spec"]
     data_seed = data["data_seed"] if args.data_seed is None else args.data_seed
     if spec is None or data_seed is None:
-        raise UsageError(f"--teacher {args.teacher} does not record its data set: pass "
+        raise UsageError(f"--teacher {teacher} does not record its data set: pass "
                          "--dataset and --data-seed")
     return _load_data(spec, data_seed, args.train_fraction, data["mean"], data["std"])
 
@@ -387,8 +389,14 @@ def cmd_train(args):
 
 def distill_arguments(p):
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", metavar="CHECKPOINT", help="the teacher's .pt")
+    source.add_argument("--teacher", action="append", dest="teachers", metavar="CHECKPOINT",
+                        help="the teacher's .pt; repeat it to distil several teachers of the "
+                        "same classes at once (the data set, split and the student's input "
+                        "normalisation are the first one's; each teacher sees its own)")
     teacher_cache_argument(source)
+    p.add_argument("--teacher-weights", type=teacher_weight_list, metavar="W,W,...",
+                   help="with several --teacher: the weight of each teacher's T^2 * KL term, in "
+                   "their order (default: 1/K each)")
     p.add_argument("--student", required=True, metavar="NAME",
                    help="the student model (a name as for train --model)")
     p.add_argument("--name", help="run name in --out (default: STUDENT-distilled)")
@@ -398,18 +406,39 @@ def distill_arguments(p):
 
 
 def cmd_distill(args):
-    """Distil a trained teacher into a student."""
+    """Distil one trained teacher, or several at once, into a student."""
     from .train import run
 
     if args.teacher_cache is not None:
+        if args.teacher_weights is not None:
+            raise UsageError("--teacher-weights weighs several --teacher; a --teacher-cache is "
+                             "one teacher")
         return distill_from_cache(args)
     _device(args)
     _check_model(args.student, "--student")
     name = _run_name(args, f"{args.student}-distilled")
-    config = _config(args, distilling=True)
+    teachers = args.teachers
+    if len(set(map(os.path.realpath, teachers))) != len(teachers):
+        raise UsageError("--teacher: the same checkpoint is given twice; to weight a teacher "
+                         "more, use --teacher-weights")
+    if args.teacher_weights is not None and len(teachers) == 1:
+        raise UsageError("--teacher-weights weighs several teachers, but one --teacher is given "
+                         "(its weight is --soft-weight)")
+    if args.teacher_weights is not None and len(args.teacher_weights) != len(teachers):
+        raise UsageError(f"--teacher-weights: {len(args.teacher_weights)} weights for "
+                         f"{len(teachers)} teachers; give one weight per --teacher")
+    if args.teacher_weights is not None and not sum(args.teacher_weights):
+        raise UsageError("--teacher-weights: all weights are 0: the KD term would be 0")
+    if len(teachers) > 1:
+        for option in ("logit_weight", "hint_weight"):
+            if getattr(args, option):
+                raise UsageError(f"{_flag(option)} needs a single --teacher: several teachers "
+                                 "are distilled by the KD and cross-entropy terms only")
+    config = _config(args, distilling=True, teacher_weights=args.teacher_weights)
     _claim(args, [name])
-    splits, data = _teacher_data(args)
-    metrics = run(args.student, splits, data, config, args.out, name, teacher_path=args.teacher,
+    splits, data = _teacher_data(args, teachers[0])
+    metrics = run(args.student, splits, data, config, args.out, name,
+                  teacher_path=teachers if len(teachers) > 1 else teachers[0],
                   **_run_options(args))
     if _is_main():
         _print_result(name, metrics)
@@ -643,7 +672,7 @@ def cmd_sweep(args):
     _claim(args, names + ([] if args.teacher else ["teacher"]),
            files=("sweep.json", "sweep.md", "sweep.png"))
     if args.teacher:
-        splits, data = _teacher_data(args)
+        splits, data = _teacher_data(args, args.teacher)
         teacher = args.teacher
     else:
         splits, data = _load_data(args.dataset or "digits",
@@ -906,8 +935,8 @@ def cmd_multistudent(args):
     names += [f"selector-seed{seed}" for seed in seeds]
     _claim(args, names, files=("multistudent.md", "multistudent.json", "multistudent.png"))
     started = time.perf_counter()
-    splits, data = _teacher_data(args)
-    teacher, _ = load_teacher(args.teacher, data["spec"], splits.classes)
+    splits, data = _teacher_data(args, args.teacher)
+    teacher, _, _ = load_teacher(args.teacher, data["spec"], splits.classes)
     options = _run_options(args)
     example = torch.zeros(2, *splits.train_x.shape[1:])
     per_seed = []

@@ -7,7 +7,10 @@ Without a teacher the loss is cross-entropy. With one it is
   + hint_weight * sum_k mean((regressor_k(student_k) - teacher_k)^2)      (FitNets hints, 002)
 
 and with or without one, ``+ nuclear_weight * ||W||_*`` of the student's first layer (004).
-The teacher runs in eval mode under ``no_grad``.
+The teacher runs in eval mode under ``no_grad``. Several teachers (a :class:`TeacherEnsemble`,
+000's "distillation from multiple teachers") replace the KL by
+``sum_k teacher_weights[k] * T^2 * KL(teacher_k/T || student/T)`` (pykd.multi_teacher_kd_loss,
+the weights 1/K by default), with no logit or hint term.
 
 A :class:`Cohort` of students trains by deep mutual learning (004, and 000's "mutual learning
 with an ensemble of peers"): all at once, each on ``hard_weight * CE + soft_weight * T^2 * KL``
@@ -48,7 +51,8 @@ from . import models, report
 from .loss import KDLoss
 
 __all__ = [
-    "TrainConfig", "CheckpointError", "Interrupted", "EpochLog", "Cohort", "peer_loss", "fit",
+    "TrainConfig", "CheckpointError", "Interrupted", "EpochLog", "Cohort", "TeacherEnsemble",
+    "peer_loss", "fit",
     "evaluate", "predict_logits", "save_checkpoint", "load_checkpoint", "load_model",
     "check_classes", "check_out", "run_files", "resolve_device", "run",
 ]
@@ -76,7 +80,7 @@ def option(name):
 
 # The loss terms that need a teacher; a run without one neither uses nor records them.
 DISTILLATION_FIELDS = ("temperature", "soft_weight", "hard_weight", "logit_weight", "hint_weight",
-                       "hint_layers")
+                       "hint_layers", "teacher_weights")
 
 
 @dataclass
@@ -97,6 +101,8 @@ class TrainConfig:
     # (student layer, teacher layer) names as in named_modules(), used when hint_weight > 0; the
     # default pairs the models' `features` trunks, which every registered model has.
     hint_layers: list = field(default_factory=lambda: [("features", "features")])
+    # One weight per teacher of a TeacherEnsemble; None: 1/K each.
+    teacher_weights: list = None
     nuclear_weight: float = 0.0
 
     def check(self, distilling=False):
@@ -129,6 +135,13 @@ class TrainConfig:
                 if repeated:
                     raise ValueError(f"--hint-layer: the {side} layer {repeated[0]!r} is named "
                                      "twice; name each layer once")
+        if self.teacher_weights is not None:
+            weights = self.teacher_weights
+            if not isinstance(weights, (list, tuple)) or not weights or any(
+                    isinstance(w, bool) or not isinstance(w, (int, float))
+                    or not math.isfinite(w) or w < 0 for w in weights) or not sum(weights):
+                raise ValueError("--teacher-weights must be finite numbers >= 0, not all 0, got "
+                                 f"{weights!r}")
 
     def record(self, distilling):
         """The settings as stored with a run: without the distillation terms when there is no
@@ -139,8 +152,11 @@ class TrainConfig:
         if not distilling:
             for name in DISTILLATION_FIELDS:
                 del values[name]
-        elif not self.hint_weight:
-            del values["hint_layers"]
+        else:
+            if not self.hint_weight:
+                del values["hint_layers"]
+            if self.teacher_weights is None:  # one teacher, or K at 1/K (and older checkpoints)
+                del values["teacher_weights"]
         return values
 
 
@@ -216,7 +232,7 @@ CHECKPOINT_FIELDS = {
     "data": {"spec": (str, type(None)), "data_seed": (int, type(None)),
              "train_fraction": (int, float, type(None)), "classes": list, "mean": list,
              "std": list},
-    "teacher": (dict, type(None)), "config": dict, "history": list, "state_dict": dict,
+    "teacher": (dict, list, type(None)), "config": dict, "history": list, "state_dict": dict,
     "regressors": dict, "optimizer": dict, "rng": dict,
 }
 
@@ -339,10 +355,11 @@ def _settings(meta, config):
         "class names": data.get("classes"),
         "data set contents (its normalisation statistics)": [data.get("mean"), data.get("std")],
         "model arguments": meta.get("model_args"),
-        "--teacher": teacher and f"{teacher['path']} (run {teacher['run_id']}, "
-                                 f"{teacher['epoch']} epochs)",
-        "--teacher-cache": teacher and teacher.get("cache") and (
-            f"{teacher['cache']['path']} (cache {teacher['cache']['id']})"),
+        "--teacher": teacher and "; ".join(
+            f"{t['path']} (run {t['run_id']}, {t['epoch']} epochs)"
+            for t in (teacher if isinstance(teacher, list) else [teacher])),
+        "--teacher-cache": isinstance(teacher, dict) and teacher.get("cache") and (
+            f"{teacher['cache']['path']} (cache {teacher['cache']['id']})") or None,
         # runs whose outputs made the labels (the students a selector learns to choose from)
         "--students": meta.get("students"),
         **{option(k): v for k, v in config.items() if k != "epochs"},
@@ -478,6 +495,31 @@ def peer_loss(kd, logits, labels):
                                       labels) for k in range(len(logits))])
 
 
+class TeacherEnsemble(nn.Module):
+    """Several teachers of the same classes as one module: its forward gives their logits
+    stacked, [K, B, C]. The inputs come normalised with (mean, std) per channel; teacher k sees
+    them renormalised with its own training statistics ``stats[k]`` (mean, std), the inputs it
+    was trained on."""
+
+    def __init__(self, teachers, mean, std, stats):
+        super().__init__()
+        if len(teachers) < 2 or len(stats) != len(teachers):
+            raise ValueError(f"an ensemble needs at least 2 teachers with their statistics, got "
+                             f"{len(teachers)} and {len(stats)}")
+        self.teachers = nn.ModuleList(teachers)
+        mean, std = torch.tensor(mean), torch.tensor(std)
+        # teacher k's input (x - mean_k) / std_k = inputs * std / std_k + (mean - mean_k) / std_k
+        self.register_buffer("scales", torch.stack(
+            [std / torch.tensor(s) for _, s in stats]).view(len(stats), 1, -1, 1, 1))
+        self.register_buffer("shifts", torch.stack(
+            [(mean - torch.tensor(m)) / torch.tensor(s) for m, s in stats]
+        ).view(len(stats), 1, -1, 1, 1))
+
+    def forward(self, x):
+        return torch.stack([teacher(x * scale + shift) for teacher, scale, shift
+                            in zip(self.teachers, self.scales, self.shifts)])
+
+
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 
@@ -601,9 +643,10 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
         on_epoch_end=None, device=None, log=None, teacher_cache=None):
     """Trains `model` (any nn.Module giving [B, C] logits) on `splits` (pykd.data.Splits).
 
-    With `teacher`, distils it into `model` with the losses of `config`; with `teacher_cache`
-    (a pykd.TeacherCache of the training split, checked against it) distils its stored top-k
-    logits instead (the KD and hard-label terms only: no logit or hint term). A :class:`Cohort`
+    With `teacher` (a model, or a :class:`TeacherEnsemble`), distils it into `model` with the
+    losses of `config`; with `teacher_cache` (a pykd.TeacherCache of the training split, checked
+    against it) distils its stored top-k logits instead (the KD and hard-label terms only: no
+    logit or hint term). A :class:`Cohort`
     trains its students by mutual learning (:func:`peer_loss`, with config's temperature and
     weights); its history, "val" and "test" then hold a list per value, one entry per student.
     With `checkpoint` (a path), saves the resumable state after every epoch; `meta` is stored
@@ -626,6 +669,15 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                   or config.nuclear_weight):
         raise ValueError("mutual learning (a Cohort) trains on the KD loss towards the peers and "
                          "cross-entropy only: no teacher, logit, hint or nuclear-norm term")
+    ensemble = isinstance(teacher, TeacherEnsemble)
+    if ensemble and (config.logit_weight or config.hint_weight):
+        raise ValueError("several teachers are distilled by the KD and cross-entropy terms only: "
+                         "--logit-weight and --hint-weight need a single --teacher")
+    weights = config.teacher_weights
+    if weights is not None and (not ensemble or len(weights) != len(teacher.teachers)):
+        raise ValueError(f"--teacher-weights: {len(weights)} weight(s) for "
+                         f"{len(teacher.teachers) if ensemble else 1} teacher(s); give one weight "
+                         "per --teacher, and only with several")
     with_kd = distilling or peers  # the run uses (and records) the KD loss's settings
     config.check(with_kd)
     ctx = context(device)
@@ -730,6 +782,18 @@ def fit(model, splits, config, *, teacher=None, checkpoint=None, meta=None, resu
                     elif teacher_cache is not None:
                         loss, kd_term = teacher_cache_loss(teacher_cache, logits, labels, rows,
                                                            config)
+                    elif ensemble:
+                        with torch.no_grad():
+                            teacher_logits = teacher(inputs)
+                        loss = (config.hard_weight * F.cross_entropy(logits, labels)
+                                if config.hard_weight else 0)
+                        if config.soft_weight:
+                            loss = loss + config.soft_weight * pykd.multi_teacher_kd_loss(
+                                logits, teacher_logits, weights, config.temperature)
+                        with torch.no_grad():  # for the record only
+                            kd_term = pykd.multi_teacher_kd_loss(
+                                logits.detach().float(), teacher_logits.float(), weights,
+                                config.temperature)
                     elif distilling:
                         with torch.no_grad():
                             teacher_logits = teacher(inputs)
@@ -857,8 +921,8 @@ def check_out(out_dir, name, resume=False, overwrite=False):
 
 
 def load_teacher(path, spec, classes):
-    """The model of a finished run, checked against the data set's classes, and how a student's
-    checkpoint records it."""
+    """The model of a finished run, checked against the data set's classes; how a student's
+    checkpoint records it; and the run's data record (its normalisation statistics)."""
     teacher, state = load_model(path)
     if not state["complete"]:
         raise CheckpointError(f"--teacher {path} is a stopped run ({state['epoch']} of "
@@ -867,7 +931,7 @@ def load_teacher(path, spec, classes):
     check_classes(f"--teacher {path}", state["data"]["classes"], spec, classes)
     record = {"path": os.path.abspath(path), "run_id": state["run_id"], "epoch": state["epoch"],
               "model": state["model"]}
-    return teacher, record
+    return teacher, record, state["data"]
 
 
 def member_files(out_dir, name, members):
@@ -916,8 +980,10 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     selector's labels).
     Under torchrun every rank returns once rank 0 has written the files.
 
-    `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from, or
-    `teacher_cache` a pykd.TeacherCache of its outputs (the teacher model is then not loaded). An
+    `data` is :func:`data_meta` of `splits`; `teacher_path` a checkpoint to distil from, or a
+    list of several (a :class:`TeacherEnsemble`, each teacher fed the inputs renormalised with
+    its own training statistics; the run records the list), or `teacher_cache` a
+    pykd.TeacherCache of a teacher's outputs (the teacher model is then not loaded). An
     existing run of that name is continued only with `resume` and replaced only with
     `overwrite` (see :func:`check_out`). While it trains, the state after each epoch is kept
     in `name.partial.pt`, each epoch's record appended to `name.epochs.jsonl` and a line per
@@ -925,15 +991,20 @@ def run(model_name, splits, data, config, out_dir, name, *, teacher_path=None, r
     """
     files = run_files(out_dir, name)
     source = check_out(out_dir, name, resume, overwrite)
-    if teacher_path is not None and any(
-            os.path.exists(f) and os.path.samefile(teacher_path, f)
-            for f in (files["checkpoint"], files["partial"])):
-        raise CheckpointError(f"run {name!r} in {out_dir} would write over its own --teacher "
-                              f"{teacher_path}: choose another --name or --out")
+    teacher_paths = [teacher_path] if isinstance(teacher_path, (str, os.PathLike)) \
+        else list(teacher_path or [])
+    for path in teacher_paths:
+        if any(os.path.exists(f) and os.path.samefile(path, f)
+               for f in (files["checkpoint"], files["partial"])):
+            raise CheckpointError(f"run {name!r} in {out_dir} would write over its own "
+                                  f"--teacher {path}: choose another --name or --out")
     ctx = context(device)
-    teacher, teacher_record = None, None
-    if teacher_path is not None:
-        teacher, teacher_record = load_teacher(teacher_path, data["spec"], splits.classes)
+    teachers = [load_teacher(path, data["spec"], splits.classes) for path in teacher_paths]
+    teacher, teacher_record = teachers[0][:2] if teachers else (None, None)
+    if len(teachers) > 1:
+        teacher = TeacherEnsemble([t for t, _, _ in teachers], data["mean"], data["std"],
+                                  [(d["mean"], d["std"]) for _, _, d in teachers])
+        teacher_record = [record for _, record, _ in teachers]
     if teacher_cache is not None:
         teacher_record = teacher_cache.record()
     model_args = {"num_classes": splits.num_classes, "in_channels": splits.train_x.shape[1],

@@ -294,6 +294,26 @@ ERRORS = [
      "selector-seed7.json holds the results of an earlier run: pass --resume"),
     ("bench-shapes", ["bench", "--shapes", "8by10"], "shapes must look like"),
     ("bench-repeats", ["bench", "--repeats", "0"], "argument --repeats: must be an integer >= 1"),
+    ("teacher-twice", ["distill", "--teacher", "{teacher}", "--teacher", "{teacher}",
+                       "--student", "keras-student"],
+     "--teacher: the same checkpoint is given twice; to weight a teacher more, use "
+     "--teacher-weights"),
+    ("teacher-weights-one", ["distill", "--teacher", "{teacher}", "--teacher-weights", "2",
+                             "--student", "keras-student"],
+     "--teacher-weights weighs several teachers, but one --teacher is given"),
+    ("teacher-weights-count", ["distill", "--teacher", "{teacher}", "--teacher",
+                               "{root}/stopped.pt", "--teacher-weights", "1,2,3", "--student",
+                               "keras-student"],
+     "--teacher-weights: 3 weights for 2 teachers; give one weight per --teacher"),
+    ("teacher-weights-zero", ["distill", "--teacher", "{teacher}", "--teacher",
+                              "{root}/stopped.pt", "--teacher-weights", "0,0", "--student",
+                              "keras-student"], "--teacher-weights: all weights are 0"),
+    ("teachers-hint", ["distill", "--teacher", "{teacher}", "--teacher", "{root}/stopped.pt",
+                       "--hint-weight", "1", "--student", "keras-student"],
+     "--hint-weight needs a single --teacher"),
+    ("teachers-stopped", ["distill", "--teacher", "{teacher}", "--teacher", "{root}/stopped.pt",
+                          "--student", "keras-student", "--out", "{root}/teachers"],
+     "--teacher .*stopped.pt is a stopped run"),
 ]
 
 
@@ -327,6 +347,35 @@ def test_bf16_on_the_cpu_warns(results):
     warning, error = done.stderr.splitlines()
     assert warning.startswith("pykd train: warning: --bf16 on the CPU is emulated")
     assert "cifar10: no such directory" in error
+
+
+def test_distill_from_several_teachers(teacher, tmp_path):
+    """Two teachers trained on differently normalised inputs, weighted; the run records both,
+    and a resume must keep them and their weights."""
+    second = tmp_path / "second"
+    ok(*run_cli(["train", "--model", "tutorial-student", "--name", "second", "--out", second,
+                 "--epochs", "1", "--train-fraction", "0.3", "--seed", "3"]))
+    distill = ["distill", "--teacher", teacher, "--teacher", second / "second.pt",
+               "--teacher-weights", "0.75,0.25", "--student", "tutorial-student", "--out",
+               tmp_path, *FAST]
+    first, resumed, reweighted, reordered = run_cli(
+        distill, [*distill, "--epochs", "2", "--resume"],
+        [*distill[:6], "0.5,0.5", *distill[7:], "--resume"],
+        ["distill", "--teacher", second / "second.pt", "--teacher", teacher, *distill[5:],
+         "--resume"])
+    ok(first)
+    assert re.search(r"epoch 1/1: loss [\d.]+ \(cross-entropy [\d.]+, KD [\d.]+\)", first.stderr)
+    ok(resumed)
+    metrics = read_json(tmp_path / "tutorial-student-distilled.json")
+    assert [t["path"] for t in metrics["teacher"]] == [str(teacher), str(second / "second.pt")]
+    assert metrics["config"]["teacher_weights"] == [0.75, 0.25]
+    assert len(metrics["history"]) == 2
+    # The student's inputs are normalised as the first teacher's were.
+    assert metrics["data"]["mean"] == read_json(teacher.parent / "teacher.json")["data"]["mean"]
+    one_line_error(reweighted, "cannot resume .*: it was started with --teacher-weights "
+                   r"\[0.75, 0.25\], not \[0.5, 0.5\]")
+    # Reordered, the student's inputs would be normalised as the other teacher's were.
+    one_line_error(reordered, "cannot resume .*: it was started with data set contents")
 
 
 def test_train_distill_eval(teacher, tmp_path):

@@ -411,3 +411,61 @@ def test_cohort_needs_two_students_and_no_teacher(splits, teacher_path):
         train.Cohort([student()])
     with pytest.raises(ValueError, match="no teacher, logit, hint or nuclear-norm term"):
         fit(cohort(), splits, config(epochs=1), teacher=train.load_model(teacher_path)[0])
+
+
+def test_teacher_ensemble_feeds_each_teacher_its_own_inputs(splits, teacher_path):
+    """Each teacher of an ensemble sees the images normalised with its own training statistics,
+    whatever normalisation the student's inputs have."""
+    teacher, state = train.load_model(teacher_path)
+    teacher.eval()  # no dropout
+    own = state["data"]
+    other = load_dataset("digits", train_fraction=0.5)  # other statistics
+    assert other.mean != own["mean"]
+    ensemble = train.TeacherEnsemble([teacher, teacher], other.mean, other.std,
+                                     [(own["mean"], own["std"]), (other.mean, other.std)])
+    own_inputs = load_dataset("digits", train_fraction=0.5, mean=own["mean"], std=own["std"])
+    with torch.no_grad():
+        logits = ensemble(other.test_x[:64])
+        torch.testing.assert_close(logits[0], teacher(own_inputs.test_x[:64]))
+        torch.testing.assert_close(logits[1], teacher(other.test_x[:64]))
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        train.TeacherEnsemble([teacher], own["mean"], own["std"], [(own["mean"], own["std"])])
+
+
+def test_several_teachers_use_the_multi_teacher_loss(splits, teacher_path, monkeypatch):
+    """The ensemble's loss is hard_weight * CE + soft_weight * multi_teacher_kd_loss with the
+    weights in the teachers' order; with weights 1, 0 the run learns as from the first teacher
+    alone; the settings that need one teacher are refused."""
+    teacher, state = train.load_model(teacher_path)
+    stats = [(state["data"]["mean"], state["data"]["std"])] * 2
+    calls = []
+    multi = pykd.multi_teacher_kd_loss
+
+    def spy(student_logits, teacher_logits, weights, temperature, *args, **kwargs):
+        calls.append((tuple(teacher_logits.shape), weights, temperature))
+        return multi(student_logits, teacher_logits, weights, temperature, *args, **kwargs)
+
+    monkeypatch.setattr(pykd, "multi_teacher_kd_loss", spy)
+    other = train.load_model(teacher_path)[0]
+    torch.manual_seed(0)
+    for p in other.parameters():  # a second teacher that disagrees with the first
+        p.data = torch.randn_like(p)
+    ensemble = train.TeacherEnsemble([teacher, other], state["data"]["mean"],
+                                     state["data"]["std"], stats)
+    settings = dict(epochs=2, temperature=2.0, teacher_weights=[1.0, 0.0])
+    both = fit(student(), splits, config(**settings), teacher=ensemble)
+    alone = fit(student(), splits, config(epochs=2, temperature=2.0), teacher=teacher)
+    assert calls and all(c[0][:1] == (2,) and c[1] == [1.0, 0.0] and c[2] == 2.0 for c in calls)
+    for a, b in zip(both["history"], alone["history"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["train_kd"] == pytest.approx(b["train_kd"], rel=1e-4)
+    assert both["test"]["accuracy"] == pytest.approx(alone["test"]["accuracy"], abs=0.02)
+
+    for change, message in (({"hint_weight": 1.0}, "--hint-weight need a single --teacher"),
+                            ({"teacher_weights": [1.0]}, "1 weight\\(s\\) for 2 teacher")):
+        with pytest.raises(ValueError, match=message):
+            fit(student(), splits, config(**{**settings, **change}), teacher=ensemble)
+    with pytest.raises(ValueError, match="1 weight\\(s\\) for 1 teacher"):
+        fit(student(), splits, config(teacher_weights=[1.0]), teacher=teacher)
+    with pytest.raises(ValueError, match="--teacher-weights must be finite numbers >= 0"):
+        config(teacher_weights=[0.0, 0.0]).check(True)
