@@ -517,7 +517,7 @@ def cmd_cache_teacher(args):
     if os.path.exists(args.out) and not args.overwrite:
         raise UsageError(f"{args.out} exists: pass --overwrite to replace it (or choose another "
                          "--out)")
-    splits, data = _teacher_data(args)
+    splits, data = _teacher_data(args, args.teacher)
     if args.top_k > splits.num_classes:
         raise UsageError(f"--top-k {args.top_k} is more than the {splits.num_classes} classes "
                          f"of --dataset {data['spec']}")

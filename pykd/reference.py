@@ -120,6 +120,19 @@ def sparse_kd_loss(student_logits, teacher_values, teacher_indices, temperature=
         safe_r = torch.where(r > 0, r, 1.0)
         rows = rows + torch.where(r > 0, r * (torch.log(safe_r) - log_q), torch.zeros_like(r))
     rows = temperature**2 * rows
+    valid = None if labels is None else labels != ignore_index
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        count = max(rows.numel(), 1) if valid is None else valid.sum().clamp(min=1)
+        loss = rows.sum() / count
+    return loss.to(dtype)
+
+
 def multi_teacher_kd_loss(student_logits, teacher_logits, weights=None, temperature=1.0,
                           reduction="batchmean", *, labels=None, ignore_index=-100):
     """sum_k w_k * T^2 * KL(p_tk || p_s) per row, term by term in float64 (differentiable),

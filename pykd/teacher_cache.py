@@ -194,7 +194,7 @@ def cache_teacher(path, teacher_path, splits, data, *, top_k, temperature,
     from .train import _progress, load_teacher, resolve_device
 
     device = resolve_device(device)
-    teacher, record = load_teacher(teacher_path, data["spec"], splits.classes)
+    teacher, record, _ = load_teacher(teacher_path, data["spec"], splits.classes)
     teacher.to(device).eval()
     x = splits.train_x
     starts = range(0, len(x), batch_size)
