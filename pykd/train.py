@@ -371,11 +371,17 @@ def _check_resume(path, state, meta, config, distilling):
     old = _settings(state, state["config"])
     new = _settings(meta or {}, config.record(distilling))
     for key in dict.fromkeys([*old, *new]):
-        if old.get(key) != new.get(key):
+        was, now = old.get(key), new.get(key)
+        if was != now:
+            if was is None:
+                change = f"without {key}, not with {key} {_show(now)}"
+            elif now is None:
+                change = f"with {key} {_show(was)}, which this run does not give"
+            else:
+                change = f"with {key} {_show(was)}, not {_show(now)}"
             raise CheckpointError(
-                f"cannot resume {path}: it was started with {key} {_show(old.get(key))}, not "
-                f"{_show(new.get(key))}; resume with the same settings (only --epochs may grow) "
-                "or pass --overwrite to start again")
+                f"cannot resume {path}: it was started {change}; resume with the same settings "
+                "(only --epochs may grow) or pass --overwrite to start again")
     if state["epoch"] > config.epochs:
         raise CheckpointError(f"cannot resume {path} with --epochs {config.epochs}: it has "
                               f"already trained {state['epoch']} epochs (pass --epochs "
@@ -383,8 +389,6 @@ def _check_resume(path, state, meta, config, distilling):
 
 
 def _show(value):
-    if value is None:
-        return "(none)"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, list) and all(isinstance(v, list) and len(v) == 2 for v in value):

@@ -4,11 +4,12 @@ import torch
 
 import pykd
 from pykd import reference
+from testing import DEVICES
 
 
-def logits(shape, dtype=torch.float64, seed=0, scale=3.0):
+def logits(shape, dtype=torch.float64, seed=0, scale=3.0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
 
 
 def run(fn, student, teachers, *args, **kwargs):
@@ -19,12 +20,13 @@ def run(fn, student, teachers, *args, **kwargs):
     return loss.detach(), s.grad, [t.grad for t in ts]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("classes", [1, 10, 33, 4099, 32000])
 @pytest.mark.parametrize("teachers", [1, 2, 5])
-def test_matches_reference_float64(classes, teachers):
+def test_matches_reference_float64(device, classes, teachers):
     rows = 3 if classes > 10000 else 9
-    s = logits((rows, classes), seed=1)
-    ts = [logits((rows, classes), seed=2 + k) for k in range(teachers)]
+    s = logits((rows, classes), seed=1, device=device)
+    ts = [logits((rows, classes), seed=2 + k, device=device) for k in range(teachers)]
     w = [0.25 + k for k in range(teachers)]
     loss, gs, gt = run(pykd.multi_teacher_kd_loss, s, ts, w, 2.0)
     ref, rgs, rgt = run(reference.multi_teacher_kd_loss, s, ts, w, 2.0)
@@ -34,11 +36,12 @@ def test_matches_reference_float64(classes, teachers):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
-def test_masks_and_reductions(reduction):
-    s = logits((4, 5, 40), seed=3)
-    ts = torch.stack([logits((4, 5, 40), seed=4 + k) for k in range(3)])
-    labels = torch.arange(20).reshape(4, 5) % 3 - 1
+def test_masks_and_reductions(device, reduction):
+    s = logits((4, 5, 40), seed=3, device=device)
+    ts = torch.stack([logits((4, 5, 40), seed=4 + k, device=device) for k in range(3)])
+    labels = (torch.arange(20, device=device).reshape(4, 5) % 3 - 1)
     labels[labels == -1] = -100
     loss, gs, _ = run(pykd.multi_teacher_kd_loss, s, list(ts), reduction=reduction,
                       labels=labels)
@@ -49,25 +52,31 @@ def test_masks_and_reductions(reduction):
     assert (gs[labels == -100] == 0).all()
 
 
-def test_all_masked_gives_zero():
-    s = logits((3, 20), seed=5).requires_grad_()
-    ts = torch.stack([logits((3, 20), seed=6), logits((3, 20), seed=7)])
-    loss = pykd.multi_teacher_kd_loss(s, ts, labels=torch.full((3,), -100))
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_masked_gives_zero(device):
+    s = logits((3, 20), seed=5, device=device).requires_grad_()
+    ts = torch.stack([logits((3, 20), seed=6, device=device),
+                      logits((3, 20), seed=7, device=device)])
+    loss = pykd.multi_teacher_kd_loss(s, ts, labels=torch.full((3,), -100, device=device))
     loss.backward()
     assert loss.item() == 0 and (s.grad == 0).all()
 
 
-def test_one_teacher_equals_kd_loss():
-    s = logits((8, 300), torch.float32, seed=8)
-    t = logits((8, 300), torch.float32, seed=9)
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_teacher_equals_kd_loss(device):
+    s = logits((8, 300), torch.float32, seed=8, device=device)
+    t = logits((8, 300), torch.float32, seed=9, device=device)
     a = pykd.multi_teacher_kd_loss(s, [t], temperature=3.0)
     b = pykd.kd_loss(s, t, temperature=3.0)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_student_fp32_teachers():
-    s = logits((6, 3000), torch.bfloat16, seed=10)
-    ts = torch.stack([logits((6, 3000), torch.float32, seed=11 + k) for k in range(4)])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("classes", [3000, 32000])
+def test_bf16_student_fp32_teachers(device, classes):
+    s = logits((6, classes), torch.bfloat16, seed=10, device=device)
+    ts = torch.stack([logits((6, classes), torch.float32, seed=11 + k, device=device)
+                      for k in range(4)])
     loss, gs, _ = run(pykd.multi_teacher_kd_loss, s, list(ts), None, 2.0)
     ref, rgs, _ = run(reference.multi_teacher_kd_loss, s.double(), [t.double() for t in ts],
                       None, 2.0)
