@@ -19,6 +19,7 @@
 // to the row's maximum, so that logits of any magnitude keep the accuracy of their differences;
 // the loss of a row is summed per block in vector lanes and across blocks in double.
 #include "cpu/kd_loss_cpu.h"
+#include "cpu/vec_rows.h"
 #include "divergence.h"
 
 #include <ATen/OpMathType.h>
@@ -39,85 +40,12 @@ namespace pykd::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
-
-// Logits are loaded in steps of two accumulation-type vectors (kSize elements, the same for
-// float16, bfloat16 and float32, so that a student and a teacher of different dtypes step
-// together). Lanes past the end of a row read as -inf, which carries no mass in either softmax.
-template <typename scalar_t, typename = void>
-struct Step {
-  using acc_t = scalar_t;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kSize = 2 * kWidth;
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kWidth);
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    const int64_t na = std::min(n, kWidth);
-    a = Vec::loadu(p, na);
-    b = n > na ? Vec::loadu(p + kWidth, n - na) : Vec(0);
-    mask_tail(n, a, b);
-  }
-  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    if (n >= kSize) {
-      a.store(p);
-      b.store(p + kWidth);
-      return;
-    }
-    const int64_t na = std::min(n, kWidth);
-    a.store(p, na);
-    if (n > na) {
-      b.store(p + kWidth, n - na);
-    }
-  }
-  static void mask_tail(int64_t n, Vec& a, Vec& b) {
-    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-    a = Vec::set(neg_inf, a, std::min(n, kWidth));
-    b = Vec::set(neg_inf, b, std::max<int64_t>(n - kWidth, 0));
-  }
-};
-
-// bfloat16 / float16: one 16-bit vector holds exactly two float vectors.
-template <typename scalar_t>
-struct Step<
-    scalar_t,
-    std::enable_if_t<std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>>> {
-  using acc_t = float;
-  using Vec = Vectorized<float>;
-  using Raw = Vectorized<scalar_t>;
-  static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kSize = Raw::size();
-  static_assert(kSize == 2 * kWidth, "a 16-bit vector must convert to two float vectors");
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p));
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p, n));
-    Step<float>::mask_tail(n, a, b);
-  }
-  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    const Raw raw = at::vec::convert_from_float<scalar_t>(a, b);
-    n >= kSize ? raw.store(p) : raw.store(p, n);
-  }
-};
-
-template <typename scalar_t>
-void load_step(const scalar_t* p, int64_t n, typename Step<scalar_t>::Vec& a,
-               typename Step<scalar_t>::Vec& b) {
-  n >= Step<scalar_t>::kSize ? Step<scalar_t>::load(p, a, b)
-                             : Step<scalar_t>::load_partial(p, n, a, b);
-}
-
 // divergence.h's math policy over vectors.
 template <typename Vec>
 struct VecMath {
   using V = Vec;
   static V unless_zero(const V& x, const V& value) {
-    return V::blendv(value, V(0), x == V(0));
+    return CPU_CAPABILITY::unless_zero(x, value);
   }
   static V log(const V& x) {
     return x.log();
@@ -126,30 +54,6 @@ struct VecMath {
     return at::vec::maximum(a, b);
   }
 };
-
-template <typename acc_t>
-inline acc_t nan_max(acc_t a, acc_t b) {
-  return (a > b || std::isnan(a)) ? a : b;
-}
-
-template <typename acc_t>
-inline acc_t reduce_max(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return at::vec::maximum(x, y); }, v);
-}
-
-template <typename acc_t>
-inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return x + y; }, v);
-}
-
-// Exponentials are taken relative to a maximum, or to 0 while that is -inf (so that -inf - ref
-// is -inf, never NaN). NaN and +inf pass through and poison the row.
-template <typename acc_t>
-inline acc_t exp_reference(acc_t maximum) {
-  return maximum == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : maximum;
-}
 
 template <typename Vec>
 inline Vec lane_exp_reference(const Vec& maximum) {
@@ -169,9 +73,6 @@ struct Launch {
   bool unit_temperature;
   bool student_grad, teacher_grad;
 };
-
-// Long rows are walked in blocks that stay in L1 between the max sweep and the exp sweep.
-constexpr int64_t kBlock = 2048;
 
 // A thread's scratch, reused across rows: the exponentials of sweep 1 and, for a side that is not
 // direct, its gradient before sweep 3.
@@ -275,19 +176,10 @@ typename Step<scalar_s>::acc_t long_row(
     sum1_b[b] = hard_exp ? reduce_sum(sum1) : acc_t(0);
   }
 
-  // The row's statistics. A block's sums move to the row's reference by the factor
-  // exp(ref_b - ref), which replaces them; a block with no mass gets the factor 0 (never exp of a
-  // huge shift).
+  // The row's statistics: each block's sums become its factor to the row's reference.
   auto combine = [&](const std::vector<acc_t>& refs, std::vector<acc_t>& sums, acc_t row_max,
                      acc_t scale, acc_t& ref, acc_t& total) {
-    ref = exp_reference(row_max * scale);
-    double sum = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const acc_t factor = sums[b] == 0 ? acc_t(0) : std::exp(refs[b] - ref);
-      sum += double(sums[b]) * factor;
-      sums[b] = factor;
-    }
-    total = static_cast<acc_t>(sum);
+    combine_blocks(refs.data(), sums.data(), blocks, row_max, scale, ref, total);
   };
   acc_t ref_s, ref_t, total_s, total_t;
   combine(ref_s_b, mult_s, max_s, L.inv_temp, ref_s, total_s);
@@ -560,11 +452,6 @@ void short_rows(
   }
 }
 
-// Rows per parallel task: enough elements that a task outweighs its scheduling.
-inline int64_t grain_rows(int64_t cols) {
-  return std::max<int64_t>(1, 32768 / cols);
-}
-
 template <typename scalar_s, typename scalar_t, typename Div>
 void run(const KdKernelArgs& a, const Div& div) {
   using acc_t = typename Step<scalar_s>::acc_t;
@@ -639,47 +526,17 @@ void run(const KdKernelArgs& a, const Div& div) {
   });
 }
 
-// Calls f(scalar_s{}, scalar_t{}) for the dtype pair (checked by the op: both reduced floats, or
-// both double).
-template <typename F>
-void dispatch_dtypes(c10::ScalarType ds, c10::ScalarType dt, const F& f) {
-  auto teacher = [&](auto student) {
-    switch (dt) {
-      case c10::ScalarType::Float:
-        return f(student, float{});
-      case c10::ScalarType::BFloat16:
-        return f(student, at::BFloat16{});
-      case c10::ScalarType::Half:
-        return f(student, at::Half{});
-      default:
-        TORCH_INTERNAL_ASSERT(false, "kd_loss: unexpected teacher dtype ", dt);
-    }
-  };
-  switch (ds) {
-    case c10::ScalarType::Double:
-      TORCH_INTERNAL_ASSERT(dt == c10::ScalarType::Double);
-      return f(double{}, double{});
-    case c10::ScalarType::Float:
-      return teacher(float{});
-    case c10::ScalarType::BFloat16:
-      return teacher(at::BFloat16{});
-    case c10::ScalarType::Half:
-      return teacher(at::Half{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "kd_loss: unexpected student dtype ", ds);
-  }
-}
-
 }  // namespace
 
 void kd_loss_rows(const KdKernelArgs& args) {
-  dispatch_dtypes(args.student_dtype, args.teacher_dtype, [&](auto student, auto teacher) {
+  auto with_dtypes = [&](auto student, auto teacher) {
     using scalar_s = decltype(student);
     using scalar_t = decltype(teacher);
     using acc_t = typename Step<scalar_s>::acc_t;
     dispatch_divergence<acc_t>(
         args.beta, [&](const auto& div) { run<scalar_s, scalar_t>(args, div); });
-  });
+  };
+  dispatch_dtype_pair(args.student_dtype, args.teacher_dtype, "kd_loss", with_dtypes);
 }
 
 }  // namespace CPU_CAPABILITY

@@ -17,10 +17,8 @@
 //            per-block factor;
 //   sweep 3, only when the teachers' gradients are wanted: the logits again (from cache for rows
 //            that fit, else memory), d/dt_k = T/D w_k p_tk (log p_tk - log p_s - KL_k).
-//
-// The loading helpers (Step, load_step, VecMath, the reductions, exp_reference) are copies of
-// kd_loss_kernel.h's, whose anonymous namespace keeps them private to that kernel.
 #include "cpu/multi_teacher_kd_loss_cpu.h"
+#include "cpu/vec_rows.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -39,113 +37,6 @@
 namespace pykd::cpu {
 namespace CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
-
-// Logits are loaded in steps of two accumulation-type vectors (kSize elements, the same for
-// float16, bfloat16 and float32, so that a student and teachers of different dtypes step
-// together). Lanes past the end of a row read as -inf, which carries no mass in a softmax.
-template <typename scalar_t, typename = void>
-struct Step {
-  using acc_t = scalar_t;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kSize = 2 * kWidth;
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kWidth);
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    const int64_t na = std::min(n, kWidth);
-    a = Vec::loadu(p, na);
-    b = n > na ? Vec::loadu(p + kWidth, n - na) : Vec(0);
-    mask_tail(n, a, b);
-  }
-  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    if (n >= kSize) {
-      a.store(p);
-      b.store(p + kWidth);
-      return;
-    }
-    const int64_t na = std::min(n, kWidth);
-    a.store(p, na);
-    if (n > na) {
-      b.store(p + kWidth, n - na);
-    }
-  }
-  static void mask_tail(int64_t n, Vec& a, Vec& b) {
-    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-    a = Vec::set(neg_inf, a, std::min(n, kWidth));
-    b = Vec::set(neg_inf, b, std::max<int64_t>(n - kWidth, 0));
-  }
-};
-
-// bfloat16 / float16: one 16-bit vector holds exactly two float vectors.
-template <typename scalar_t>
-struct Step<
-    scalar_t,
-    std::enable_if_t<std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>>> {
-  using acc_t = float;
-  using Vec = Vectorized<float>;
-  using Raw = Vectorized<scalar_t>;
-  static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kSize = Raw::size();
-  static_assert(kSize == 2 * kWidth, "a 16-bit vector must convert to two float vectors");
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p));
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p, n));
-    Step<float>::mask_tail(n, a, b);
-  }
-  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    const Raw raw = at::vec::convert_from_float<scalar_t>(a, b);
-    n >= kSize ? raw.store(p) : raw.store(p, n);
-  }
-};
-
-template <typename scalar_t>
-void load_step(const scalar_t* p, int64_t n, typename Step<scalar_t>::Vec& a,
-               typename Step<scalar_t>::Vec& b) {
-  n >= Step<scalar_t>::kSize ? Step<scalar_t>::load(p, a, b)
-                             : Step<scalar_t>::load_partial(p, n, a, b);
-}
-
-// 0 where x == 0, else value (0 * log 0 = 0; a NaN x keeps the NaN value).
-template <typename Vec>
-inline Vec unless_zero(const Vec& x, const Vec& value) {
-  return Vec::blendv(value, Vec(0), x == Vec(0));
-}
-
-template <typename acc_t>
-inline acc_t nan_max(acc_t a, acc_t b) {
-  return (a > b || std::isnan(a)) ? a : b;
-}
-
-template <typename acc_t>
-inline acc_t reduce_max(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return at::vec::maximum(x, y); }, v);
-}
-
-template <typename acc_t>
-inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return x + y; }, v);
-}
-
-// Exponentials are taken relative to a maximum, or to 0 while that is -inf (so that -inf - ref
-// is -inf, never NaN). NaN and +inf pass through and poison the row.
-template <typename acc_t>
-inline acc_t exp_reference(acc_t maximum) {
-  return maximum == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : maximum;
-}
-
-// Long rows are walked in blocks that stay in L1 between a tensor's max sweep and its exp sweep
-// (one tensor's block of logits, the student's a_s and the exponentials written: < 24 KiB).
-constexpr int64_t kBlock = 2048;
 
 // What every row of a launch shares.
 template <typename acc_t>
@@ -240,24 +131,6 @@ void block_exps(
   cross = a_s != nullptr ? double(reduce_sum(vcross)) : 0.0;
 }
 
-// Turns per-block sums (relative to each block's reference) into per-block factors e -> p
-// relative to the row's reference (to be divided by the row's total). Returns the row's reference
-// and its total.
-template <typename acc_t>
-void combine(
-    const acc_t* refs, acc_t* sums, int64_t blocks, acc_t row_max, acc_t inv_temp, acc_t& ref,
-    acc_t& total) {
-  ref = exp_reference(row_max * inv_temp);
-  double sum = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    // A block with no mass gets the factor 0 (never exp of a huge shift).
-    const acc_t factor = sums[b] == 0 ? acc_t(0) : std::exp(refs[b] - ref);
-    sum += double(sums[b]) * factor;
-    sums[b] = factor;
-  }
-  total = static_cast<acc_t>(sum);
-}
-
 // One row of at least two classes. Returns the row's loss.
 template <typename scalar_s, typename scalar_t>
 typename Step<scalar_s>::acc_t row_loss_and_grads(
@@ -311,7 +184,7 @@ typename Step<scalar_s>::acc_t row_loss_and_grads(
   // class of block b, so each block's cross sum moves to the row's references by its teacher's
   // sum of e times that shift.
   acc_t ref_s, total_s;
-  combine(s_ref, s_mult, blocks, max_s, L.inv_temp, ref_s, total_s);
+  combine_blocks(s_ref, s_mult, blocks, max_s, L.inv_temp, ref_s, total_s);
   // A side without mass (every logit -inf) keeps probabilities 0 (and a teacher without mass
   // adds 0, as kd_loss does); a student without mass where a teacher has some gives +inf.
   const acc_t inv_s = total_s > 0 ? 1 / total_s : 0;
@@ -400,11 +273,6 @@ typename Step<scalar_s>::acc_t row_loss_and_grads(
   return L.loss_scale * static_cast<acc_t>(loss);
 }
 
-// Rows per parallel task: enough elements that a task outweighs its scheduling.
-inline int64_t grain_rows(int64_t elements_per_row) {
-  return std::max<int64_t>(1, 32768 / elements_per_row);
-}
-
 template <typename scalar_s, typename scalar_t>
 void run(const MultiTeacherKernelArgs& a) {
   using acc_t = typename Step<scalar_s>::acc_t;
@@ -470,43 +338,13 @@ void run(const MultiTeacherKernelArgs& a) {
   });
 }
 
-// Calls f(scalar_s{}, scalar_t{}) for the dtype pair (checked by the op: both reduced floats, or
-// both double).
-template <typename F>
-void dispatch_dtypes(c10::ScalarType ds, c10::ScalarType dt, const F& f) {
-  auto teacher = [&](auto student) {
-    switch (dt) {
-      case c10::ScalarType::Float:
-        return f(student, float{});
-      case c10::ScalarType::BFloat16:
-        return f(student, at::BFloat16{});
-      case c10::ScalarType::Half:
-        return f(student, at::Half{});
-      default:
-        TORCH_INTERNAL_ASSERT(false, "multi_teacher_kd_loss: unexpected teacher dtype ", dt);
-    }
-  };
-  switch (ds) {
-    case c10::ScalarType::Double:
-      TORCH_INTERNAL_ASSERT(dt == c10::ScalarType::Double);
-      return f(double{}, double{});
-    case c10::ScalarType::Float:
-      return teacher(float{});
-    case c10::ScalarType::BFloat16:
-      return teacher(at::BFloat16{});
-    case c10::ScalarType::Half:
-      return teacher(at::Half{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "multi_teacher_kd_loss: unexpected student dtype ", ds);
-  }
-}
-
 }  // namespace
 
 void multi_teacher_kd_loss_rows(const MultiTeacherKernelArgs& args) {
-  dispatch_dtypes(args.student_dtype, args.teacher_dtype, [&](auto student, auto teacher) {
-    run<decltype(student), decltype(teacher)>(args);
-  });
+  dispatch_dtype_pair(args.student_dtype, args.teacher_dtype, "multi_teacher_kd_loss",
+                      [&](auto student, auto teacher) {
+                        run<decltype(student), decltype(teacher)>(args);
+                      });
 }
 
 }  // namespace CPU_CAPABILITY

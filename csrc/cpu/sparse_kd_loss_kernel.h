@@ -17,8 +17,8 @@
 //            the named classes are then overwritten with u p_s - sum of their entries' p_k, the
 //            sum taken in the scratch in the accumulation type (so repeated indices add up
 //            exactly).
-// Steps and helpers below are copied from kd_loss_kernel.h (an anonymous namespace there).
 #include "cpu/sparse_kd_loss_cpu.h"
+#include "cpu/vec_rows.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -39,102 +39,6 @@ namespace pykd::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
-
-// Logits in steps of two accumulation-type vectors; lanes past the end of a row read as -inf.
-template <typename scalar_t, typename = void>
-struct Step {
-  using acc_t = scalar_t;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kSize = 2 * kWidth;
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    a = Vec::loadu(p);
-    b = Vec::loadu(p + kWidth);
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    const int64_t na = std::min(n, kWidth);
-    a = Vec::loadu(p, na);
-    b = n > na ? Vec::loadu(p + kWidth, n - na) : Vec(0);
-    mask_tail(n, a, b);
-  }
-  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    if (n >= kSize) {
-      a.store(p);
-      b.store(p + kWidth);
-      return;
-    }
-    const int64_t na = std::min(n, kWidth);
-    a.store(p, na);
-    if (n > na) {
-      b.store(p + kWidth, n - na);
-    }
-  }
-  static void mask_tail(int64_t n, Vec& a, Vec& b) {
-    const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
-    a = Vec::set(neg_inf, a, std::min(n, kWidth));
-    b = Vec::set(neg_inf, b, std::max<int64_t>(n - kWidth, 0));
-  }
-};
-
-template <typename scalar_t>
-struct Step<
-    scalar_t,
-    std::enable_if_t<std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>>> {
-  using acc_t = float;
-  using Vec = Vectorized<float>;
-  using Raw = Vectorized<scalar_t>;
-  static constexpr int64_t kWidth = Vec::size();
-  static constexpr int64_t kSize = Raw::size();
-  static_assert(kSize == 2 * kWidth, "a 16-bit vector must convert to two float vectors");
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p));
-  }
-  static void load_partial(const scalar_t* p, int64_t n, Vec& a, Vec& b) {
-    std::tie(a, b) = at::vec::convert_to_float<scalar_t>(Raw::loadu(p, n));
-    Step<float>::mask_tail(n, a, b);
-  }
-  static void store(scalar_t* p, int64_t n, const Vec& a, const Vec& b) {
-    const Raw raw = at::vec::convert_from_float<scalar_t>(a, b);
-    n >= kSize ? raw.store(p) : raw.store(p, n);
-  }
-};
-
-template <typename scalar_t>
-void load_step(const scalar_t* p, int64_t n, typename Step<scalar_t>::Vec& a,
-               typename Step<scalar_t>::Vec& b) {
-  n >= Step<scalar_t>::kSize ? Step<scalar_t>::load(p, a, b)
-                             : Step<scalar_t>::load_partial(p, n, a, b);
-}
-
-template <typename acc_t>
-inline acc_t nan_max(acc_t a, acc_t b) {
-  return (a > b || std::isnan(a)) ? a : b;
-}
-
-template <typename acc_t>
-inline acc_t reduce_max(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return at::vec::maximum(x, y); }, v);
-}
-
-template <typename acc_t>
-inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& x, Vectorized<acc_t>& y) { return x + y; }, v);
-}
-
-// Exponentials are taken relative to a maximum, or to 0 while that is -inf.
-template <typename acc_t>
-inline acc_t exp_reference(acc_t maximum) {
-  return maximum == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : maximum;
-}
-
-// Copied code ends here.
-
-constexpr int64_t kBlock = 2048;
 // Below this tail sum (relative to the row's maximum, whose own term is 1) the tail's largest
 // terms may be < 2^-40 / kBlock of their block's maximum, and its smaller terms subnormal or 0
 // in the blocks' exponentials: the tail is then summed again relative to its own maximum.
@@ -269,18 +173,10 @@ typename Step<scalar_s>::acc_t sparse_row(
       e1.store(es + begin + i + kWidth);
       sum = sum + e0 + e1;
     }
-    scratch.tail[b] = reduce_sum(sum);  // the block's sum, for now
+    scratch.factor[b] = reduce_sum(sum);  // the block's sum, until combine_blocks
   }
-  // Each block's sum moves to the row's reference by factor_b = exp(ref_b - ref); a block
-  // without mass gets the factor 0.
-  const acc_t ref_s = exp_reference(max_s * L.inv_temp);
-  double total = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const acc_t sum_b = scratch.tail[b];
-    scratch.factor[b] = sum_b == 0 ? acc_t(0) : std::exp(scratch.ref[b] - ref_s);
-    total += double(sum_b) * scratch.factor[b];
-  }
-  const acc_t z = static_cast<acc_t>(total);
+  acc_t ref_s, z;
+  combine_blocks(scratch.ref.data(), scratch.factor.data(), blocks, max_s, L.inv_temp, ref_s, z);
   // A student without mass keeps p_s = 0 and log p_s = -inf (a loss of +inf where p_k > 0).
   const acc_t log_z = z > 0 ? std::log(z) : acc_t(0);
   const acc_t inv_z = z > 0 ? acc_t(1) / z : acc_t(0);
@@ -387,11 +283,6 @@ typename Step<scalar_s>::acc_t sparse_row(
   return loss;
 }
 
-// Rows per parallel task: enough elements that a task outweighs its scheduling.
-inline int64_t grain_rows(int64_t cols) {
-  return std::max<int64_t>(1, 32768 / cols);
-}
-
 template <typename scalar_s, typename scalar_v, typename index_t>
 void run(const SparseKdKernelArgs& a) {
   using acc_t = typename Step<scalar_s>::acc_t;
@@ -432,20 +323,6 @@ void run(const SparseKdKernelArgs& a) {
   });
 }
 
-template <typename F>
-void dispatch_reduced(c10::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return f(float{});
-    case c10::ScalarType::BFloat16:
-      return f(at::BFloat16{});
-    case c10::ScalarType::Half:
-      return f(at::Half{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "sparse_kd_loss: unexpected dtype ", dtype);
-  }
-}
-
 }  // namespace
 
 void sparse_kd_loss_rows(const SparseKdKernelArgs& args) {
@@ -458,13 +335,7 @@ void sparse_kd_loss_rows(const SparseKdKernelArgs& args) {
       run<scalar_s, scalar_v, int64_t>(args);
     }
   };
-  if (args.student_dtype == c10::ScalarType::Double) {
-    TORCH_INTERNAL_ASSERT(args.values_dtype == c10::ScalarType::Double);
-    return with_index(double{}, double{});
-  }
-  dispatch_reduced(args.student_dtype, [&](auto student) {
-    dispatch_reduced(args.values_dtype, [&](auto values) { with_index(student, values); });
-  });
+  dispatch_dtype_pair(args.student_dtype, args.values_dtype, "sparse_kd_loss", with_index);
 }
 
 }  // namespace CPU_CAPABILITY
