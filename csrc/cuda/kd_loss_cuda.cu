@@ -11,6 +11,7 @@
 // All of it runs under CUDA graphs.
 #include "cuda/kd_loss_cuda.h"
 #include "divergence.h"
+#include "cuda/row_reduction.cuh"
 #include "kd_loss.h"
 
 #include <ATen/OpMathType.h>
@@ -22,8 +23,6 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cub/block/block_reduce.cuh>
-
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -31,47 +30,6 @@
 
 namespace pykd::cuda {
 namespace {
-
-constexpr int kReduceThreads = 512;
-
-// The number of rows whose label is not ignore_index, by one block in a fixed order.
-__global__ void __launch_bounds__(kReduceThreads) count_valid_kernel(
-    const int64_t* __restrict__ labels,
-    int64_t rows,
-    int64_t ignore_index,
-    int64_t* __restrict__ count) {
-  int64_t n = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
-    n += labels[i] != ignore_index;
-  }
-  using BlockReduce = cub::BlockReduce<int64_t, kReduceThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  n = BlockReduce(temp).Sum(n);
-  if (threadIdx.x == 0) {
-    *count = n;
-  }
-}
-
-// loss = sum of the row losses / D, the sum in float64 and in an order fixed by `rows`.
-template <typename acc_t>
-__global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
-    const acc_t* __restrict__ row_loss,
-    int64_t rows,
-    const int64_t* __restrict__ valid_count,
-    int64_t divisor,
-    acc_t* __restrict__ loss) {
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
-    sum += static_cast<double>(row_loss[i]);
-  }
-  using BlockReduce = cub::BlockReduce<double, kReduceThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  sum = BlockReduce(temp).Sum(sum);
-  if (threadIdx.x == 0) {
-    const int64_t d = valid_count != nullptr ? *valid_count : divisor;
-    *loss = static_cast<acc_t>(sum / static_cast<double>(d > 1 ? d : 1));
-  }
-}
 
 // One class: both softmaxes are exactly 1, so every divergence and the cross-entropy are 0, and
 // so are the gradients, exactly (the row kernel would leave rounding noise). As on the CPU, a
@@ -97,37 +55,12 @@ __global__ void __launch_bounds__(256) one_class_kernel(const KdRowProblem p) {
   }
 }
 
-template <typename F>
-void dispatch_logits(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kDouble:
-      return f(double{});
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(at::Half{});
-    case at::kBFloat16:
-      return f(at::BFloat16{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "kd_loss: unexpected logits dtype ", dtype);
-  }
-}
-
 void launch_one_class(const KdRowProblem& problem) {
   const int64_t blocks = std::min<int64_t>((problem.rows + 255) / 256, 65536);
-  dispatch_logits(problem.student_dtype, [&](auto s) {
-    dispatch_logits(problem.teacher_dtype, [&](auto t) {
-      using s_t = decltype(s);
-      using t_t = decltype(t);
-      // kd_loss.h allows float64 only with float64.
-      if constexpr (std::is_same_v<s_t, double> == std::is_same_v<t_t, double>) {
-        one_class_kernel<s_t, t_t>
-            <<<static_cast<unsigned int>(blocks), 256, 0, problem.stream>>>(problem);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      } else {
-        TORCH_INTERNAL_ASSERT(false, "kd_loss: float64 logits with another dtype");
-      }
-    });
+  dispatch_dtype_pair(problem.student_dtype, problem.teacher_dtype, "kd_loss", [&](auto s, auto t) {
+    one_class_kernel<decltype(s), decltype(t)>
+        <<<static_cast<unsigned int>(blocks), 256, 0, problem.stream>>>(problem);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -136,20 +69,7 @@ void launch(const KdArgs& a) {
   const at::Tensor& t = a.teacher;
   const int64_t rows = s.size(0), cols = s.size(1);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool labelled = a.labels.defined();
-  const at::ScalarType acc = a.loss.scalar_type();
-
-  at::Tensor valid_count;
-  if (labelled && a.reduction == Reduction::BatchMean) {
-    valid_count = at::empty({}, a.labels.options());
-    count_valid_kernel<<<1, kReduceThreads, 0, stream>>>(
-        a.labels.const_data_ptr<int64_t>(), rows, a.ignore_index,
-        valid_count.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int64_t divisor = a.reduction == Reduction::BatchMean && !labelled ? rows : 1;
-  const at::Tensor row_loss =
-      a.reduction == Reduction::None ? a.loss : at::empty({rows}, a.loss.options());
+  const RowReduction reduction(a.reduction, a.labels, rows, a.ignore_index, a.loss, stream);
 
   const KdRowProblem problem{
       s.scalar_type(),
@@ -158,40 +78,27 @@ void launch(const KdArgs& a) {
       t.const_data_ptr(),
       a.grad_student.defined() ? a.grad_student.mutable_data_ptr() : nullptr,
       a.grad_teacher.defined() ? a.grad_teacher.mutable_data_ptr() : nullptr,
-      labelled ? a.labels.const_data_ptr<int64_t>() : nullptr,
-      valid_count.defined() ? valid_count.const_data_ptr<int64_t>() : nullptr,
-      row_loss.mutable_data_ptr(),
+      a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr,
+      reduction.valid_count(),
+      reduction.row_loss.mutable_data_ptr(),
       rows,
       cols,
       s.stride(0),
       t.stride(0),
       a.ignore_index,
-      divisor,
+      reduction.divisor,
       a.temperature,
       a.soft_weight,
       a.hard_weight,
       stream};
   if (cols == 1) {
     launch_one_class(problem);
-  } else if (acc == at::kDouble) {
+  } else if (a.loss.scalar_type() == at::kDouble) {
     dispatch_divergence<double>(a.beta, [&](auto div) { launch_kd_rows(problem, div); });
   } else {
     dispatch_divergence<float>(a.beta, [&](auto div) { launch_kd_rows(problem, div); });
   }
-
-  if (a.reduction != Reduction::None) {
-    const int64_t* count = valid_count.defined() ? valid_count.const_data_ptr<int64_t>() : nullptr;
-    if (acc == at::kDouble) {
-      reduce_kernel<double><<<1, kReduceThreads, 0, stream>>>(
-          row_loss.const_data_ptr<double>(), rows, count, divisor,
-          a.loss.mutable_data_ptr<double>());
-    } else {
-      reduce_kernel<float><<<1, kReduceThreads, 0, stream>>>(
-          row_loss.const_data_ptr<float>(), rows, count, divisor,
-          a.loss.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  reduction.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_cuda(

@@ -1,9 +1,9 @@
 // CUDA implementation of pykd::multi_teacher_kd_loss: multi_teacher_kd_loss.h's op body (checks
 // before the device guard) on the logits' device and the current stream, no host sync:
-//   1. with labels under "batchmean", count_valid_rows_kernel counts the valid rows into a device
+//   1. with labels under "batchmean", count_valid_kernel counts the valid rows into a device
 //      scalar (D), which the row kernel reads;
 //   2. ONE launch of the row kernel for all K teachers: every row's loss and the gradients;
-//   3. unless reduction is "none", sum_rows_kernel adds the row losses in a fixed order, in
+//   3. unless reduction is "none", reduce_kernel adds the row losses in a fixed order, in
 //      float64, and divides by D: the loss is deterministic.
 //
 // The row kernel. A row belongs to one warp (rows of at most kWarpRowMaxCols classes, several rows
@@ -25,6 +25,7 @@
 // otherwise (e.g. 1024 rows of 32000 float32 classes and 4 teachers: 640 KB a row, more than L2
 // holds across all SMs). Masked rows read nothing and get a zero loss and zero gradients.
 #include "cuda/kd_loss_rows.cuh"
+#include "cuda/row_reduction.cuh"
 #include "multi_teacher_kd_loss.h"
 
 #include <ATen/OpMathType.h>
@@ -34,8 +35,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
-
-#include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
 #include <limits>
@@ -48,51 +47,11 @@
 namespace pykd::cuda {
 namespace {
 
-constexpr int kReduceThreads = 512;
 constexpr int kBlockThreads = 512;
 constexpr int kMaxTensors = static_cast<int>(kMaxTeachers) + 1;
 constexpr int64_t kWarpRowMaxCols = 1024;
 constexpr int kPackElements = 4;  // the vectorised path's pack (16 bytes of float32)
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-
-// The number of rows whose label is not ignore_index, by one block in a fixed order.
-__global__ void __launch_bounds__(kReduceThreads) count_valid_rows_kernel(
-    const int64_t* __restrict__ labels,
-    int64_t rows,
-    int64_t ignore_index,
-    int64_t* __restrict__ count) {
-  int64_t n = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
-    n += labels[i] != ignore_index;
-  }
-  using BlockReduce = cub::BlockReduce<int64_t, kReduceThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  n = BlockReduce(temp).Sum(n);
-  if (threadIdx.x == 0) {
-    *count = n;
-  }
-}
-
-// loss = sum of the row losses / D, the sum in float64 in an order fixed by `rows`.
-template <typename acc_t>
-__global__ void __launch_bounds__(kReduceThreads) sum_rows_kernel(
-    const acc_t* __restrict__ row_loss,
-    int64_t rows,
-    const int64_t* __restrict__ valid_count,
-    int64_t divisor,
-    acc_t* __restrict__ loss) {
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
-    sum += static_cast<double>(row_loss[i]);
-  }
-  using BlockReduce = cub::BlockReduce<double, kReduceThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  sum = BlockReduce(temp).Sum(sum);
-  if (threadIdx.x == 0) {
-    const int64_t d = valid_count != nullptr ? *valid_count : divisor;
-    *loss = static_cast<acc_t>(sum / static_cast<double>(d > 1 ? d : 1));
-  }
-}
 
 // What the row kernel is given (by value: ~1.1 KB of kernel parameters).
 struct RowsParams {
@@ -410,54 +369,10 @@ void launch_rows(const RowsParams& p, cudaStream_t stream) {
   }
 }
 
-// Calls f(s_t{}, t_t{}) for the dtype pair (checked by the op: both reduced floats, or both
-// float64).
-template <typename F>
-void dispatch_dtypes(at::ScalarType ds, at::ScalarType dt, const F& f) {
-  auto teacher = [&](auto student) {
-    switch (dt) {
-      case at::kFloat:
-        return f(student, float{});
-      case at::kBFloat16:
-        return f(student, at::BFloat16{});
-      case at::kHalf:
-        return f(student, at::Half{});
-      default:
-        TORCH_INTERNAL_ASSERT(false, "multi_teacher_kd_loss: unexpected teacher dtype ", dt);
-    }
-  };
-  switch (ds) {
-    case at::kDouble:
-      TORCH_INTERNAL_ASSERT(dt == at::kDouble);
-      return f(double{}, double{});
-    case at::kFloat:
-      return teacher(float{});
-    case at::kBFloat16:
-      return teacher(at::BFloat16{});
-    case at::kHalf:
-      return teacher(at::Half{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "multi_teacher_kd_loss: unexpected student dtype ", ds);
-  }
-}
-
 void launch(const MultiTeacherArgs& a) {
   const int64_t rows = a.student.size(0);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool labelled = a.labels.defined();
-  const at::ScalarType acc = a.loss.scalar_type();
-
-  at::Tensor valid_count;
-  if (labelled && a.reduction == Reduction::BatchMean) {
-    valid_count = at::empty({}, a.labels.options());
-    count_valid_rows_kernel<<<1, kReduceThreads, 0, stream>>>(
-        a.labels.const_data_ptr<int64_t>(), rows, a.ignore_index,
-        valid_count.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int64_t divisor = a.reduction == Reduction::BatchMean && !labelled ? rows : 1;
-  const at::Tensor row_loss =
-      a.reduction == Reduction::None ? a.loss : at::empty({rows}, a.loss.options());
+  const RowReduction reduction(a.reduction, a.labels, rows, a.ignore_index, a.loss, stream);
 
   RowsParams p{};
   p.student = a.student.const_data_ptr();
@@ -471,33 +386,21 @@ void launch(const MultiTeacherArgs& a) {
     weight_sum += a.weights[k];
   }
   p.grad_student = a.grad_student.defined() ? a.grad_student.mutable_data_ptr() : nullptr;
-  p.labels = labelled ? a.labels.const_data_ptr<int64_t>() : nullptr;
-  p.valid_count = valid_count.defined() ? valid_count.const_data_ptr<int64_t>() : nullptr;
-  p.row_loss = row_loss.mutable_data_ptr();
+  p.labels = a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr;
+  p.valid_count = reduction.valid_count();
+  p.row_loss = reduction.row_loss.mutable_data_ptr();
   p.rows = rows;
   p.cols = a.student.size(1);
   p.student_stride = a.student.stride(0);
   p.ignore_index = a.ignore_index;
-  p.divisor = divisor;
+  p.divisor = reduction.divisor;
   p.temperature = a.temperature;
   p.weight_sum = weight_sum;
-  dispatch_dtypes(a.student.scalar_type(), a.teachers[0].scalar_type(), [&](auto s, auto t) {
-    launch_rows<decltype(s), decltype(t)>(p, stream);
-  });
-
-  if (a.reduction != Reduction::None) {
-    const int64_t* count = valid_count.defined() ? valid_count.const_data_ptr<int64_t>() : nullptr;
-    if (acc == at::kDouble) {
-      sum_rows_kernel<double><<<1, kReduceThreads, 0, stream>>>(
-          row_loss.const_data_ptr<double>(), rows, count, divisor,
-          a.loss.mutable_data_ptr<double>());
-    } else {
-      sum_rows_kernel<float><<<1, kReduceThreads, 0, stream>>>(
-          row_loss.const_data_ptr<float>(), rows, count, divisor,
-          a.loss.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  dispatch_dtype_pair(a.student.scalar_type(), a.teachers[0].scalar_type(),
+                      "multi_teacher_kd_loss", [&](auto s, auto t) {
+                        launch_rows<decltype(s), decltype(t)>(p, stream);
+                      });
+  reduction.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> multi_teacher_kd_loss_cuda(

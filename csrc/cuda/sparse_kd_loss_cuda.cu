@@ -22,6 +22,7 @@
 //      and divides by D: the loss is deterministic.
 // Offsets are int64. The bitmaps take 2 * ceil(V / 32) * 4 bytes of dynamic shared memory
 // (32 KiB at V = 128256); beyond 48 KiB the kernel opts in to more, up to the device's limit.
+#include "cuda/row_reduction.cuh"
 #include "sparse_kd_loss.h"
 
 #include <ATen/OpMathType.h>
@@ -50,51 +51,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // student logits each thread loads before using them
 constexpr int kStageEntries = 1024;
-constexpr int kReduceThreads = 512;
 constexpr double kSmallTail = 0x1p-40;  // as in the CPU kernel
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
-
-// The number of rows whose label is not ignore_index, by one block in a fixed order (as in
-// kd_loss_cuda.cu).
-__global__ void __launch_bounds__(kReduceThreads) count_valid_kernel(
-    const int64_t* __restrict__ labels,
-    int64_t rows,
-    int64_t ignore_index,
-    int64_t* __restrict__ count) {
-  int64_t n = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
-    n += labels[i] != ignore_index;
-  }
-  using BlockReduce = cub::BlockReduce<int64_t, kReduceThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  n = BlockReduce(temp).Sum(n);
-  if (threadIdx.x == 0) {
-    *count = n;
-  }
-}
-
-// loss = sum of the row losses / D, in float64, in an order fixed by `rows` (as in
-// kd_loss_cuda.cu).
-template <typename acc_t>
-__global__ void __launch_bounds__(kReduceThreads) reduce_kernel(
-    const acc_t* __restrict__ row_loss,
-    int64_t rows,
-    const int64_t* __restrict__ valid_count,
-    int64_t divisor,
-    acc_t* __restrict__ loss) {
-  double sum = 0;
-  for (int64_t i = threadIdx.x; i < rows; i += kReduceThreads) {
-    sum += static_cast<double>(row_loss[i]);
-  }
-  using BlockReduce = cub::BlockReduce<double, kReduceThreads>;
-  __shared__ typename BlockReduce::TempStorage temp;
-  sum = BlockReduce(temp).Sum(sum);
-  if (threadIdx.x == 0) {
-    const int64_t d = valid_count != nullptr ? *valid_count : divisor;
-    *loss = static_cast<acc_t>(sum / static_cast<double>(d > 1 ? d : 1));
-  }
-}
 
 struct SparseRowProblem {
   const void* student;
@@ -467,22 +426,6 @@ __global__ void __launch_bounds__(kThreads) sparse_rows_kernel(const SparseRowPr
   }
 }
 
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kDouble:
-      return f(double{});
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(at::Half{});
-    case at::kBFloat16:
-      return f(at::BFloat16{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "sparse_kd_loss: unexpected dtype ", dtype);
-  }
-}
-
 template <typename s_t, typename v_t, typename i_t>
 void launch_rows(const SparseRowProblem& problem, cudaStream_t stream) {
   const auto kernel = sparse_rows_kernel<s_t, v_t, i_t>;
@@ -512,28 +455,15 @@ void launch(const SparseKdArgs& a) {
       cols <= std::numeric_limits<int32_t>::max(),
       "sparse_kd_loss: at most 2^31 - 1 classes on CUDA, got ", cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool labelled = a.labels.defined();
-  const at::ScalarType acc = a.loss.scalar_type();
-
-  at::Tensor valid_count;
-  if (labelled && a.reduction == Reduction::BatchMean) {
-    valid_count = at::empty({}, a.labels.options());
-    count_valid_kernel<<<1, kReduceThreads, 0, stream>>>(
-        a.labels.const_data_ptr<int64_t>(), rows, a.ignore_index,
-        valid_count.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const int64_t divisor = a.reduction == Reduction::BatchMean && !labelled ? rows : 1;
-  const at::Tensor row_loss =
-      a.reduction == Reduction::None ? a.loss : at::empty({rows}, a.loss.options());
+  const RowReduction reduction(a.reduction, a.labels, rows, a.ignore_index, a.loss, stream);
   const SparseRowProblem problem{
       a.student.const_data_ptr(),
       a.values.const_data_ptr(),
       a.indices.const_data_ptr(),
       a.lse.defined() ? a.lse.const_data_ptr() : nullptr,
-      labelled ? a.labels.const_data_ptr<int64_t>() : nullptr,
-      valid_count.defined() ? valid_count.const_data_ptr<int64_t>() : nullptr,
-      row_loss.mutable_data_ptr(),
+      a.labels.defined() ? a.labels.const_data_ptr<int64_t>() : nullptr,
+      reduction.valid_count(),
+      reduction.row_loss.mutable_data_ptr(),
       a.grad_student.defined() ? a.grad_student.mutable_data_ptr() : nullptr,
       rows,
       cols,
@@ -542,38 +472,17 @@ void launch(const SparseKdArgs& a) {
       a.values.stride(0),
       a.indices.stride(0),
       a.ignore_index,
-      divisor,
+      reduction.divisor,
       a.temperature};
-  dispatch_float(a.student.scalar_type(), [&](auto s) {
-    dispatch_float(a.values.scalar_type(), [&](auto v) {
-      using s_t = decltype(s);
-      using v_t = decltype(v);
-      // sparse_kd_loss.h allows float64 only with float64.
-      if constexpr (std::is_same_v<s_t, double> == std::is_same_v<v_t, double>) {
-        if (a.indices.scalar_type() == at::kInt) {
-          launch_rows<s_t, v_t, int32_t>(problem, stream);
-        } else {
-          launch_rows<s_t, v_t, int64_t>(problem, stream);
-        }
-      } else {
-        TORCH_INTERNAL_ASSERT(false, "sparse_kd_loss: float64 with another dtype");
-      }
-    });
-  });
-
-  if (a.reduction != Reduction::None) {
-    const int64_t* count = valid_count.defined() ? valid_count.const_data_ptr<int64_t>() : nullptr;
-    if (acc == at::kDouble) {
-      reduce_kernel<double><<<1, kReduceThreads, 0, stream>>>(
-          row_loss.const_data_ptr<double>(), rows, count, divisor,
-          a.loss.mutable_data_ptr<double>());
-    } else {
-      reduce_kernel<float><<<1, kReduceThreads, 0, stream>>>(
-          row_loss.const_data_ptr<float>(), rows, count, divisor,
-          a.loss.mutable_data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  dispatch_dtype_pair(a.student.scalar_type(), a.values.scalar_type(), "sparse_kd_loss",
+                      [&](auto s, auto v) {
+                        if (a.indices.scalar_type() == at::kInt) {
+                          launch_rows<decltype(s), decltype(v), int32_t>(problem, stream);
+                        } else {
+                          launch_rows<decltype(s), decltype(v), int64_t>(problem, stream);
+                        }
+                      });
+  reduction.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_loss_cuda(
