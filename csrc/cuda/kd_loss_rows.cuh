@@ -48,6 +48,7 @@
 // masked or not), so that the barriers are uniform.
 #pragma once
 
+#include "cuda/acc_math.cuh"
 #include "cuda/kd_loss_cuda.h"
 #include "divergence.h"
 
@@ -82,44 +83,10 @@ constexpr int kMaxCommonPack = 4;
 // Dynamic shared memory for staged rows, per block: under the 48 KiB that needs no opt-in, with
 // room for the reductions' static shared memory.
 constexpr int64_t kMaxStageBytes = 44 * 1024;
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
-
-__host__ __device__ __forceinline__ float log_acc(float x) {
-  return ::logf(x);
-}
-__host__ __device__ __forceinline__ double log_acc(double x) {
-  return ::log(x);
-}
-__device__ __forceinline__ float exp2_acc(float x) {
-  return ::exp2f(x);
-}
-__device__ __forceinline__ double exp2_acc(double x) {
-  return ::exp2(x);
-}
-__device__ __forceinline__ float log2_acc(float x) {
-  return ::log2f(x);
-}
-__device__ __forceinline__ double log2_acc(double x) {
-  return ::log2(x);
-}
-__device__ __forceinline__ float fma_acc(float a, float b, float c) {
-  return ::fmaf(a, b, c);
-}
-__device__ __forceinline__ double fma_acc(double a, double b, double c) {
-  return ::fma(a, b, c);
-}
-
-// A maximum that keeps NaN (from either side), so that a NaN logit makes its row NaN.
-template <typename acc_t>
-__host__ __device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
-  return (a > b || a != a) ? a : b;
-}
 
 // divergence.h's math policy for one thread's element.
 template <typename acc_t>
@@ -135,13 +102,6 @@ struct CudaMath {
     return max_nan(a, b);
   }
 };
-
-// The exponent reference of a running maximum m: m * scale, or 0 while m is -inf (the sums are 0
-// then, and a very negative first maximum never makes exp2(-shift) overflow).
-template <typename acc_t>
-__device__ __forceinline__ acc_t reference(acc_t max, acc_t scale) {
-  return max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : max * scale;
-}
 
 // One tensor's online sums over part of a row (see the header).
 template <typename acc_t>

@@ -22,6 +22,7 @@
 //      and divides by D: the loss is deterministic.
 // Offsets are int64. The bitmaps take 2 * ceil(V / 32) * 4 bytes of dynamic shared memory
 // (32 KiB at V = 128256); beyond 48 KiB the kernel opts in to more, up to the device's limit.
+#include "cuda/acc_math.cuh"
 #include "cuda/row_reduction.cuh"
 #include "sparse_kd_loss.h"
 
@@ -52,8 +53,6 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // student logits each thread loads before using them
 constexpr int kStageEntries = 1024;
 constexpr double kSmallTail = 0x1p-40;  // as in the CPU kernel
-constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 struct SparseRowProblem {
   const void* student;
@@ -68,42 +67,6 @@ struct SparseRowProblem {
   double temperature;
 };
 
-__device__ __forceinline__ float exp2_acc(float x) {
-  return ::exp2f(x);
-}
-__device__ __forceinline__ double exp2_acc(double x) {
-  return ::exp2(x);
-}
-__device__ __forceinline__ float log2_acc(float x) {
-  return ::log2f(x);
-}
-__device__ __forceinline__ double log2_acc(double x) {
-  return ::log2(x);
-}
-__device__ __forceinline__ float log_acc(float x) {
-  return ::logf(x);
-}
-__device__ __forceinline__ double log_acc(double x) {
-  return ::log(x);
-}
-__device__ __forceinline__ float exp_acc(float x) {
-  return ::expf(x);
-}
-__device__ __forceinline__ double exp_acc(double x) {
-  return ::exp(x);
-}
-__device__ __forceinline__ float fma_acc(float a, float b, float c) {
-  return ::fmaf(a, b, c);
-}
-__device__ __forceinline__ double fma_acc(double a, double b, double c) {
-  return ::fma(a, b, c);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_nan(acc_t a, acc_t b) {
-  return (a > b || a != a) ? a : b;
-}
-
 struct MaxNan {
   template <typename T>
   __device__ __forceinline__ T operator()(const T& a, const T& b) const {
@@ -117,12 +80,6 @@ struct Add {
     return a + b;
   }
 };
-
-// The exponent reference of a maximum m: m * scale, or 0 while m is -inf.
-template <typename acc_t>
-__device__ __forceinline__ acc_t reference(acc_t m, acc_t scale) {
-  return m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m * scale;
-}
 
 __device__ __forceinline__ bool is_marked(const uint32_t* bitmap, int64_t j) {
   return (bitmap[j >> 5] >> (j & 31)) & 1u;
