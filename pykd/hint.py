@@ -77,7 +77,8 @@ def hint_loss(student_features, teacher_features, weights=None):
     grad = torch.is_grad_enabled()
     student_grad = grad and any(f.requires_grad for f in features[:pairs])
     teacher_grad = grad and any(f.requires_grad for f in features[pairs:])
-    loss = ops.hint_loss(features[:pairs], features[pairs:], weights, student_grad, teacher_grad)[0]
+    loss = ops.hint_loss_with_autograd(features[:pairs], features[pairs:], weights, student_grad,
+                                       teacher_grad)
     return loss.to(features[0].dtype)
 
 

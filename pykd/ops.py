@@ -225,11 +225,10 @@ def _hint_loss_setup_context(ctx, inputs, output):
     save_grads_for_backward(ctx, [*grad_student, *grad_teacher])
 
 
-def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
+def _hint_grads(ctx, grad_loss, student_needs, teacher_needs):
+    """([gradient or None] per student feature, [... per teacher feature]) for grad_loss."""
     if torch.is_grad_enabled():  # backward(create_graph=True): the saved gradients have no graph
         raise RuntimeError("hint_loss: second derivatives are not implemented")
-    # For list inputs needs_input_grad holds one bool per tensor.
-    student_needs, teacher_needs = ctx.needs_input_grad[:2]
     if (any(student_needs) and not ctx.student_grad) or (any(teacher_needs) and not ctx.teacher_grad):
         raise RuntimeError(
             "hint_loss: a gradient is needed that the forward did not compute; call "
@@ -241,19 +240,54 @@ def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
         return [g if need else None for g, need in zip(grads or [None] * len(needs), needs)]
 
     if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
-        return masked([], student_needs), masked([], teacher_needs), None, None, None
+        return masked([], student_needs), masked([], teacher_needs)
     grads = scale_saved_grads(saved_grads(ctx, "hint_loss"), grad_loss)
+    return (masked(grads[: ctx.student_grads], student_needs),
+            masked(grads[ctx.student_grads :], teacher_needs))
 
-    return (
-        masked(grads[: ctx.student_grads], student_needs),
-        masked(grads[ctx.student_grads :], teacher_needs),
-        None, None, None,
-    )
+
+def _hint_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
+    # For list inputs needs_input_grad holds one bool per tensor.
+    student, teacher = _hint_grads(ctx, grad_loss, *ctx.needs_input_grad[:2])
+    return student, teacher, None, None, None
 
 
 torch.library.register_autograd(
     "pykd::hint_loss", _hint_loss_backward, setup_context=_hint_loss_setup_context
 )
+
+
+class _EagerHintLoss(torch.autograd.Function):
+    """The autograd registered above for eager calls from pykd.hint_loss, as _EagerKDLoss does
+    for kd_loss. The features come last and one by one (the student's, then the teacher's), so
+    that autograd sees each of them as an input."""
+
+    @staticmethod
+    def forward(ctx, pairs, settings, *features):
+        inputs = (list(features[:pairs]), list(features[pairs:]), *settings)
+        with torch._C._AutoDispatchBelowAutograd():
+            output = hint_loss(*inputs)
+        _hint_loss_setup_context(ctx, inputs, output)
+        ctx.pairs = pairs
+        return output[0], *output[1], *output[2]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grads):
+        needs = ctx.needs_input_grad[2:]
+        student, teacher = _hint_grads(ctx, grad_loss, needs[: ctx.pairs], needs[ctx.pairs :])
+        return (None, None, *student, *teacher)
+
+
+def hint_loss_with_autograd(student_features, teacher_features, *settings):
+    """The loss of torch.ops.pykd.hint_loss(...) with its autograd, the fastest way for the
+    caller."""
+    if torch.compiler.is_compiling():
+        return hint_loss(student_features, teacher_features, *settings)[0]
+    if torch.is_grad_enabled() and (settings[-2] or settings[-1]):
+        return _EagerHintLoss.apply(len(student_features), tuple(settings), *student_features,
+                                    *teacher_features)[0]
+    with torch._C._AutoDispatchBelowAutograd():
+        return hint_loss(student_features, teacher_features, *settings)[0]
 
 
 @torch.library.register_fake("pykd::sparse_kd_loss")
