@@ -36,8 +36,10 @@ def vocabulary_scale(rows, classes, top_k, folder):
             yield batch[:min(BATCH, rows - start)]
 
     path = folder / "synthetic.safetensors"
+    header = {"classes": [str(c) for c in range(classes)], "teacher": {"model": "synthetic"},
+              "data": {"spec": "synthetic", "examples": rows}}
     cache, timings = teacher_cache.write_cache(path, batches(), rows=rows, num_classes=classes,
-                                               top_k=top_k, temperature=2.0)
+                                               top_k=top_k, temperature=2.0, header=header)
     write_s = timings["write_s"]
     print(f"write: {rows} rows x {classes} classes, top {top_k}: {write_s:.2f} s = "
           f"{rows / write_s:.0f} rows/s ({rows * classes * 4 / write_s / 1e9:.2f} GB/s of float32 "
