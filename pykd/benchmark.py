@@ -29,7 +29,10 @@ IGNORE_INDEX = -100
 
 def implementations():
     """name -> loss function(student, teacher, temperature, labels); compiled ones compile
-    lazily. labels is None, or marks masked rows with IGNORE_INDEX."""
+    lazily. labels is None, or marks masked rows with IGNORE_INDEX. Take fresh ones for each shape
+    and dtype (after torch._dynamo.reset()): past torch._dynamo's recompile limit (8 shapes or
+    dtypes of one function) a compiled function silently runs eager."""
+    torch._dynamo.reset()
     def pykd_loss(student, teacher, temperature, labels):
         return kd_loss(student, teacher, temperature, labels=labels, ignore_index=IGNORE_INDEX)
 
@@ -118,8 +121,12 @@ def measure(shape, masked, dtype, device, losses, repeats=5):
                                  ignore_index=IGNORE_INDEX).double()
     for name, fn in losses.items():
         got = fn(student.detach(), teacher, TEMPERATURE, labels).double()
-        if not torch.allclose(got, expected, rtol=2e-2, atol=1e-4):
-            raise RuntimeError(f"{name} disagrees with the reference at {shape} {dtype}")
+        # The PyTorch forms accumulate in the logits' dtype: in bfloat16 their loss may be a few
+        # of its rounding steps off (the eager tutorial formula: 3 at (1024, 32000)).
+        rtol = 2e-2 if name == "pykd" else max(2e-2, 8 * torch.finfo(dtype).eps)
+        if not torch.allclose(got, expected, rtol=rtol, atol=1e-4):
+            raise RuntimeError(f"{name} disagrees with the reference at {shape} {dtype}: "
+                               f"{got.item():.6g} against {expected.item():.6g}")
     row = {"shape": shape_name(shape, masked), "dtype": str(dtype).replace("torch.", "")}
     for name, fn in losses.items():
         step = forward_backward(fn, student, teacher, labels)
@@ -211,11 +218,13 @@ def run(args):
     if unknown:
         raise ValueError(f"--only: unknown implementations {sorted(unknown)}; "
                          f"choose from {sorted(losses)}")
-    losses = {name: losses[name] for name in dict.fromkeys(["pykd", *names])}  # pykd first, once
+    names = list(dict.fromkeys(["pykd", *names]))  # pykd first, once
     rows = []
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
     for shape, masked in shapes:
         for dtype in dtypes:
+            losses = implementations()
+            losses = {name: losses[name] for name in names}
             rows.append(measure(shape, masked, dtype, device, losses, args.repeats))
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print(f"\n{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "

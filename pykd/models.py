@@ -13,7 +13,10 @@ TeacherCNN and StudentCNN (001).
 normalisation (the seed found fewer layers, or no batch normalisation, to perform poorly); its
 "classes" are the students it chooses between.
 
-Every model's convolutional trunk is the submodule ``features``: it is the default hint/guided
+``ByteLM`` (``byte_lm_teacher`` / ``byte_lm_student``): a small causal transformer over bytes,
+for language-model distillation (``python -m pykd.lm``); not in the image registry below.
+
+Every image model's convolutional trunk is the submodule ``features``: it is the default hint/guided
 layer for feature distillation (FitNets, 002).
 
 Your own model: pass any ``nn.Module`` to the functions in :mod:`pykd.train`, register a factory
@@ -28,7 +31,8 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_model", "get_factory", "register_model", "model_names"]
+__all__ = ["MODELS", "build_model", "get_factory", "register_model", "model_names", "ByteLM",
+           "byte_lm_teacher", "byte_lm_student"]
 
 
 def _same_padding(size, kernel, stride):
@@ -129,6 +133,48 @@ class SelectorCNN(nn.Module):
 
 def selector_cnn(num_classes=2, in_channels=3, image_size=32):
     return SelectorCNN((8, 16, 32), num_classes, in_channels, image_size)
+
+
+class ByteLM(nn.Module):
+    """A causal transformer language model over the 256 byte values: byte and position
+    embeddings, pre-norm transformer layers under a causal mask, a final layer norm, and the
+    output layer ``head`` (256 classes). ``hidden(x)`` gives the states that ``head`` maps to
+    logits, so that a fused-linear loss (pykd.FusedLinearKDLoss) can take the head's weight
+    instead of the logits."""
+
+    VOCAB = 256
+
+    def __init__(self, width, layers, heads, context):
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(self.VOCAB, width)
+        self.position = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, self.VOCAB)
+
+    def hidden(self, x):
+        """[B, L] byte values (int64, L <= context) -> [B, L, width] states."""
+        length = x.shape[1]
+        if length > self.context:
+            raise ValueError(f"ByteLM: sequences of at most {self.context} bytes, got {length}")
+        positions = torch.arange(length, device=x.device)
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device)
+        h = self.blocks(self.embed(x) + self.position(positions), mask=mask, is_causal=True)
+        return self.norm(h)
+
+    def forward(self, x):
+        return self.head(self.hidden(x))
+
+
+def byte_lm_teacher(context=128):
+    return ByteLM(width=128, layers=4, heads=4, context=context)
+
+
+def byte_lm_student(context=128):
+    return ByteLM(width=64, layers=2, heads=2, context=context)
 
 
 MODELS = {
