@@ -227,11 +227,9 @@ def run(args):
     print("| model | parameters | validation loss (nats/byte) | validation perplexity | "
           "test loss | test bits/byte |")
     print("|---|---|---|---|---|---|")
-    sizes = {"teacher": teacher, "student alone": models.byte_lm_student(args.context)}
-    sizes["student distilled"] = sizes["student alone"]
     for name, scores in results.items():
         val, test = [s[0] for s in scores], [s[1] for s in scores]
-        params = sum(p.numel() for p in sizes[name].parameters())
+        params = sum(p.numel() for p in (teacher if name == "teacher" else student).parameters())
         print(f"| {name} | {params:,} | {cell(val)} | {cell([math.exp(v) for v in val])} | "
               f"{cell(test)} | {cell([t / math.log(2) for t in test])} |")
     return results

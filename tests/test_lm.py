@@ -3,7 +3,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import pykd
 from pykd import lm, models
@@ -49,7 +48,7 @@ def test_fused_linear_loss_on_the_models_equals_kdloss_on_their_logits():
     changed = x.clone()
     changed[:, 10:] = 0  # a later byte never changes an earlier position's logits
     torch.testing.assert_close(student(changed)[:, :10], causal[:, :10])
-    assert F.cross_entropy(causal.flatten(0, 1), y.flatten()) > 0
+    assert not torch.allclose(student(changed)[:, 10:], causal[:, 10:])
 
 
 def test_end_to_end_run_reports_every_model():

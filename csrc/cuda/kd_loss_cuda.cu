@@ -11,6 +11,7 @@
 // All of it runs under CUDA graphs.
 #include "cuda/kd_loss_cuda.h"
 #include "divergence.h"
+#include "cuda/dtype_dispatch.cuh"
 #include "cuda/row_reduction.cuh"
 #include "kd_loss.h"
 

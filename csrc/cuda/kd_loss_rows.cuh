@@ -49,6 +49,7 @@
 #pragma once
 
 #include "cuda/acc_math.cuh"
+#include "cuda/dtype_dispatch.cuh"
 #include "cuda/kd_loss_cuda.h"
 #include "divergence.h"
 
@@ -814,36 +815,9 @@ void launch_rows_typed(const KdRowProblem& pr, const Div& div) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls f(s_t{}, t_t{}) for the two dtypes (any pair of float16 / bfloat16 / float32, or
-// float64 with float64: kd_loss.h's checks).
-template <typename F>
-void dispatch_reduced(at::ScalarType dtype, const F& f) {
-  switch (dtype) {
-    case at::kFloat:
-      return f(float{});
-    case at::kHalf:
-      return f(at::Half{});
-    case at::kBFloat16:
-      return f(at::BFloat16{});
-    default:
-      TORCH_INTERNAL_ASSERT(false, "kd_loss: unexpected logits dtype ", dtype);
-  }
-}
-
-template <typename F>
-void dispatch_dtype_pair(at::ScalarType student, at::ScalarType teacher, const F& f) {
-  if (student == at::kDouble) {
-    TORCH_INTERNAL_ASSERT(teacher == at::kDouble);
-    return f(double{}, double{});
-  }
-  dispatch_reduced(student, [&](auto s) {
-    dispatch_reduced(teacher, [&](auto t) { f(s, t); });
-  });
-}
-
 template <typename Div>
 void launch_kd_rows(const KdRowProblem& problem, const Div& divergence) {
-  dispatch_dtype_pair(problem.student_dtype, problem.teacher_dtype, [&](auto s, auto t) {
+  dispatch_dtype_pair(problem.student_dtype, problem.teacher_dtype, "kd_loss", [&](auto s, auto t) {
     using s_t = decltype(s);
     using t_t = decltype(t);
     if constexpr (kRunsWith<Div, at::opmath_type<s_t>>) {

@@ -1,58 +1,24 @@
 // What the CUDA drivers of the row losses (kd_loss_cuda.cu, multi_teacher_kd_loss_cuda.cu,
 // sparse_kd_loss_cuda.cu) share around their row kernels, with no host sync (so that they run
-// under CUDA graphs): the dtype-pair dispatch, the valid rows' count on the device, the per-row
-// losses and their reduction in a fixed order.
+// under CUDA graphs): the valid rows' count on the device, the per-row losses and their
+// reduction in a fixed order.
 #pragma once
 
 #include "kd_loss.h"  // Reduction
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cub/block/block_reduce.cuh>
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 namespace pykd::cuda {
 namespace {
 
 constexpr int kReduceThreads = 512;
-
-// Calls f(first{}, second{}) for a pair of dtypes that the op has checked: both among float32,
-// bfloat16 and float16, or both float64. `op` names the caller in an internal error.
-template <typename F>
-void dispatch_dtype_pair(at::ScalarType d1, at::ScalarType d2, const char* op, const F& f) {
-  auto one = [&](at::ScalarType dtype, auto g) {
-    switch (dtype) {
-      case at::kDouble:
-        return g(double{});
-      case at::kFloat:
-        return g(float{});
-      case at::kHalf:
-        return g(at::Half{});
-      case at::kBFloat16:
-        return g(at::BFloat16{});
-      default:
-        TORCH_INTERNAL_ASSERT(false, op, ": unexpected dtype ", dtype);
-    }
-  };
-  one(d1, [&](auto first) {
-    one(d2, [&](auto second) {
-      using A = decltype(first);
-      using B = decltype(second);
-      if constexpr (std::is_same_v<A, double> == std::is_same_v<B, double>) {
-        f(first, second);
-      } else {
-        TORCH_INTERNAL_ASSERT(false, op, ": float64 with another dtype");
-      }
-    });
-  });
-}
 
 // The number of rows whose label is not ignore_index, by one block in a fixed order.
 __global__ void __launch_bounds__(kReduceThreads) count_valid_kernel(

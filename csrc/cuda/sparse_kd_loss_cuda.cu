@@ -23,6 +23,7 @@
 // Offsets are int64. The bitmaps take 2 * ceil(V / 32) * 4 bytes of dynamic shared memory
 // (32 KiB at V = 128256); beyond 48 KiB the kernel opts in to more, up to the device's limit.
 #include "cuda/acc_math.cuh"
+#include "cuda/dtype_dispatch.cuh"
 #include "cuda/row_reduction.cuh"
 #include "sparse_kd_loss.h"
 
