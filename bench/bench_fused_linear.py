@@ -2,11 +2,15 @@
 loss) three ways, side by side: pykd.FusedLinearKDLoss, unfused pykd (matmuls + pykd.KDLoss) and
 eager PyTorch (matmuls + F.kl_div on log_softmax + F.cross_entropy).
 
-    THP_MEM_ALLOC_ENABLE=1 python bench/bench_fused_linear.py --rows 4096,1024 --dtypes fp32,bf16
+    THP_MEM_ALLOC_ENABLE=1 python bench/bench_fused_linear.py --rows 4096,1024 --dtypes fp32,bf16 \
+        --rounds 3 --json bench/results/fused_linear_cpu.json
 
-Every (rows, dtype, implementation) runs in a fresh child process, one after another, with the same
-environment, so that each peak is its own: the child allocates its inputs, runs one warm-up step,
-then `--repeats` timed steps (median reported). Peak memory is the peak resident set size (Linux
+Every (rows, dtype, implementation) runs in a fresh child process, with the same environment, so
+that each peak is its own: the child allocates its inputs, runs one warm-up step, one step whose
+peak memory is measured, then `--repeats` timed steps. `--rounds` repeats that, the
+implementations taking turns in each round (interleaved, so that a noisy spell of a shared
+machine falls on all of them); the table gives the median of all timed steps with their range,
+and the largest peak of the rounds. Peak memory is the peak resident set size (Linux
 VmHWM, reset through /proc/self/clear_refs just before the measured step) minus the resident size
 just before it: everything the step allocates and frees (logits, gradients, allocator slack), the
 inputs excluded. The child runs with MALLOC_MMAP_THRESHOLD_=65536, so every buffer of 64 KiB or
@@ -114,13 +118,33 @@ def worker(impl, rows, hidden, vocab, dtype_name, repeats):
             "peak_mib": peak_kib / 1024, "threads": torch.get_num_threads()}
 
 
+def _child(impl, rows, dtype, args, env):
+    out = subprocess.run(
+        [sys.executable, __file__, "--repeats", str(args.repeats), "--worker", impl, str(rows),
+         str(args.hidden), str(args.vocab), dtype],
+        env=env, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
+def _merge(runs):
+    """One implementation's rounds: every timed step, the largest peak."""
+    times = [t for run in runs for t in run["times_s"]]
+    return dict(runs[0], times_s=times, median_s=statistics.median(times),
+                peak_mib=max(run["peak_mib"] for run in runs),
+                peaks_mib=[run["peak_mib"] for run in runs], rounds=len(runs))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="4096,1024")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per child process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="child processes per implementation, taking turns")
     parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", nargs=5, metavar=("IMPL", "ROWS", "HIDDEN", "VOCAB", "DTYPE"),
@@ -130,18 +154,18 @@ def main():
         impl, rows, hidden, vocab, dtype = args.worker
         print(json.dumps(worker(impl, int(rows), int(hidden), int(vocab), dtype, args.repeats)))
         return
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    impls = args.impls.split(",")
     results = []
     for rows in map(int, args.rows.split(",")):
         for dtype in args.dtypes.split(","):
-            group = []
-            for impl in args.impls.split(","):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--repeats", str(args.repeats), "--worker", impl,
-                     str(rows), str(args.hidden), str(args.vocab), dtype],
-                    env=env, capture_output=True, text=True, check=True)
-                group.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(json.dumps(group[-1]), file=sys.stderr, flush=True)
+            runs = {impl: [] for impl in impls}
+            for _ in range(args.rounds):
+                for impl in impls:
+                    runs[impl].append(_child(impl, rows, dtype, args, env))
+            group = [_merge(runs[impl]) for impl in impls]
             losses = [r["loss"] for r in group]
             tolerance = 1e-3 if dtype == "fp32" else 3e-2
             if max(losses) - min(losses) > tolerance * max(abs(x) for x in losses):
@@ -149,18 +173,22 @@ def main():
             results += group
     print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '')} "
           f"threads={results[0]['threads']} H={args.hidden} V={args.vocab} "
-          f"repeats={args.repeats}\n")
-    print("| N | dtype | implementation | ms | peak MiB | time / fused | peak / fused |")
-    print("|---|---|---|---|---|---|---|")
+          f"rounds={args.rounds} repeats={args.repeats}\n")
+    print("| N | dtype | implementation | ms (median) | ms (min-max) | peak MiB | time / fused | "
+          "peak / fused |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        fused = next(f for f in results if f["impl"] == "fused" and f["rows"] == r["rows"]
-                     and f["dtype"] == r["dtype"])
+        fused = next((f for f in results if f["impl"] == "fused" and f["rows"] == r["rows"]
+                      and f["dtype"] == r["dtype"]), r)
         print(f"| {r['rows']} | {r['dtype']} | {r['impl']} | {r['median_s'] * 1e3:.0f} | "
+              f"{min(r['times_s']) * 1e3:.0f}-{max(r['times_s']) * 1e3:.0f} | "
               f"{r['peak_mib']:.0f} | {r['median_s'] / fused['median_s']:.2f}x | "
               f"{r['peak_mib'] / fused['peak_mib']:.2f}x |")
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

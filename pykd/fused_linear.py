@@ -119,12 +119,15 @@ def fused_linear_kd_loss(
     def gradient(wanted, like, dtype=None):
         if not wanted:
             return like.new_empty((0,))
-        return torch.zeros(like.shape, dtype=dtype or like.dtype, device=like.device)
+        return like.new_empty(like.shape, dtype=dtype or like.dtype)
 
-    # zeros: they stay zero when there is no row (the loop adds the rows' part).
+    # Every row of grad_hidden is written by its chunk; the first chunk writes grad_weight and
+    # the others add to it (no zero fill, one read less); without rows both stay zero.
     grad_hidden = gradient(hidden_grad, student_hidden)
     grad_weight = gradient(weight_grad, student_weight)
-    grad_bias = gradient(bias_grad, student_weight[:, 0], acc)
+    grad_bias = gradient(bias_grad, student_weight[:, 0], acc).zero_()
+    if rows == 0:
+        grad_weight.zero_()
     total = torch.zeros((), dtype=acc, device=student_hidden.device)
     student_logits = student_hidden.new_empty((chunk, vocab))
     teacher_logits = teacher_hidden.new_empty((chunk, vocab))
@@ -144,7 +147,9 @@ def fused_linear_kd_loss(
             total += loss
             if hidden_grad:
                 torch.mm(grad_logits, student_weight, out=grad_hidden[start:stop])
-            if weight_grad:
+            if weight_grad and start == 0:
+                torch.mm(grad_logits.t(), hidden, out=grad_weight)
+            elif weight_grad:
                 grad_weight.addmm_(grad_logits.t(), hidden)
             if bias_grad:
                 grad_bias += grad_logits.sum(0, dtype=acc)

@@ -103,6 +103,27 @@ def test_student_without_mass_where_teacher_has_some_is_inf(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("classes", [5, 5000])
+def test_student_without_mass_gives_infinite_cross_entropy(device, temperature, classes):
+    """An all -inf student row gives its label probability 0: the cross-entropy is +inf at every
+    temperature (not NaN at T != 1), and its gradient is the limit p_s = 0, finite."""
+    student = logits((3, classes), torch.float32, device, seed=15)
+    teacher = logits((3, classes), torch.float32, device, seed=16)
+    labels = torch.tensor([1, 2, 3], device=device)
+    student[1] = float("-inf")
+    student.requires_grad_()
+    loss = pykd.KDLoss(temperature, 0.5, 0.5)(student, teacher, labels)
+    loss.backward()
+    assert loss == math.inf
+    p_t = torch.softmax(teacher[1].double() / temperature, -1)
+    expected = -0.5 * temperature * p_t / 3
+    expected[2] -= 0.5 / 3
+    torch.testing.assert_close(student.grad[1].double(), expected, rtol=1e-5, atol=1e-7)
+    assert student.grad[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("classes", [5, 50, 5000])
 def test_teacher_without_mass_is_nan(device, beta, classes):

@@ -201,7 +201,7 @@ typename Step<scalar_s>::acc_t long_row(
   if (hard_exp) {
     acc_t ref1, total1;
     combine(ref1_b, sum1_b, max_s, acc_t(1), ref1, total1);
-    lse1 = ref1 + std::log(total1);
+    lse1 = ref1 + (total1 > 0 ? std::log(total1) : acc_t(0));  // no mass: as at T = 1
   }
 
   // Sweep 2.
@@ -375,7 +375,8 @@ void short_rows(
   const Vec log_s = Vec::blendv(zero, total_s.log(), has_s);
   const Vec log_t = Vec::blendv(nan, total_t.log(), has_t);
   const Vec log_ratio = Vec::blendv(log_t - log_s, (total_t / total_s).log(), has_s & has_t);
-  const Vec lse1 = hard_exp ? ref1 + total1.log() : ref_s + log_s;
+  const Vec lse1 =
+      hard_exp ? ref1 + Vec::blendv(zero, total1.log(), total1 > zero) : ref_s + log_s;
   const Vec grad_soft(L.grad_soft), grad_hard(L.grad_hard);
 
   // Sweep 2: the loss, the gradients of direct sides, and the sums of w of the others. The
