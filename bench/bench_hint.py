@@ -5,7 +5,9 @@
 K = 4 and 16 (student, teacher) pairs of ResNet-like feature maps (64x56x56, 128x28x28,
 256x14x14, 512x7x7, cycled) with batch BENCH_BATCH (default 128), fp32 and bf16, the student
 requiring grad. Each configuration runs, side by side in this process: a copy of a tensor of the
-same number of elements (the machine's bandwidth: bytes read plus written), the eager loop
+same number of elements into an existing one (the machine's bandwidth: bytes read plus written),
+the same copy into a fresh tensor (clone: what writing a fresh gradient costs, page faults
+included, the bound for any loss whose gradients are new tensors), the eager loop
 (pykd.reference.hint_loss), the same loop under torch.compile, and pykd.hint_loss. Results are
 checked against the eager loop before timing. The table at the end gives median times, the
 effective bandwidth 3 * sum(numel) * element_size / time (SPEC section 3), its share of the copy
@@ -31,6 +33,7 @@ SHAPES = [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = {
     "copy": None,
+    "clone": None,
     "eager": reference.hint_loss,
     "compiled": torch.compile(reference.hint_loss),
     "pykd": pykd.hint_loss,
@@ -81,10 +84,10 @@ def test_hint_loss(benchmark, results, dtype_name, pairs, impl):
     dtype = DTYPES[dtype_name]
     student, teacher = features(dtype_name, pairs)
     numel = sum(s.numel() for s in student)
-    if impl == "copy":
+    if impl in ("copy", "clone"):
         src = torch.cat([t.reshape(-1) for t in teacher])
         dst = torch.empty_like(src)
-        step = functools.partial(dst.copy_, src)
+        step = functools.partial(dst.copy_, src) if impl == "copy" else src.clone
         moved = 2 * numel * src.element_size()
     else:
         step = functools.partial(forward_backward, IMPLS[impl], student, teacher)

@@ -16,17 +16,21 @@ from .loss import check_settings
 
 __all__ = ["FusedLinearKDLoss", "fused_linear_kd_loss", "default_chunk_size", "CHUNK_BYTES"]
 
-# The automatic chunk: as many rows as make one chunk of logits at most CHUNK_BYTES (a multiple of
-# 16 rows when that is at least 16). A step keeps three such chunks alive (student logits,
-# teacher logits, the logit gradient).
+# The automatic chunk: as many rows as make one chunk of logits at most CHUNK_BYTES, and at most
+# a quarter of the batch's rows (never fewer than 16), a multiple of 16 rows when that is at
+# least 16. A step keeps three such chunks alive (student logits, teacher logits, the logit
+# gradient): under the unfused form's three [N, V] tensors at any N.
 CHUNK_BYTES = 32 * 2**20
 
 
-def default_chunk_size(vocab, dtype):
+def default_chunk_size(vocab, dtype, rows=None):
     """Rows per chunk when none is given: a [rows, vocab] chunk of `dtype` logits of at most
-    CHUNK_BYTES, rounded down to a multiple of 16 rows, at least 1 row."""
-    rows = CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size())
-    return max(1, rows // 16 * 16 if rows >= 16 else rows)
+    CHUNK_BYTES and, given the batch's `rows`, at most max(16, ceil(rows / 4)) rows; rounded down
+    to a multiple of 16 rows when at least 16, at least 1 row."""
+    chunk = CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size())
+    if rows is not None:
+        chunk = min(chunk, max(16, -(-rows // 4)))
+    return max(1, chunk // 16 * 16 if chunk >= 16 else chunk)
 
 
 def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -114,7 +118,7 @@ def fused_linear_kd_loss(
     rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     acc = ops.accumulation_dtype(student_hidden.dtype)
     loss_dtype = torch.promote_types(student_hidden.dtype, teacher_hidden.dtype)
-    chunk = min(chunk_size or default_chunk_size(vocab, loss_dtype), max(rows, 1))
+    chunk = min(chunk_size or default_chunk_size(vocab, loss_dtype, rows), max(rows, 1))
 
     def gradient(wanted, like, dtype=None):
         if not wanted:
@@ -230,9 +234,9 @@ class FusedLinearKDLoss(nn.Module):
     Hidden states are [N, H] / [N, Ht] or [B, L, H] / [B, L, Ht] (any leading shape, the same for
     both, and for ``labels``), weights [V, H] / [V, Ht] (an ``nn.Linear``'s ``weight``), biases [V].
     Each chunk of ``chunk_size`` rows (default: :func:`default_chunk_size`, a chunk of logits of at
-    most 32 MiB) goes through two matmuls, pykd's one-pass kernel (loss and logit gradient) and
-    the matmuls of the student's hidden-state, weight and bias gradients, all in the forward; the
-    backward only scales them by the upstream gradient. The teacher takes no gradient: its tensors
+    most 32 MiB and at most a quarter of the rows) goes through two matmuls, pykd's one-pass
+    kernel (loss and logit gradient) and the matmuls of the student's hidden-state, weight and
+    bias gradients, all in the forward; the backward only scales them by the upstream gradient. The teacher takes no gradient: its tensors
     are used as if detached, even when they require grad.
 
     Under autocast (CPU or CUDA) the hidden states, weights and biases are cast to the autocast

@@ -142,6 +142,12 @@ def test_default_chunk_size_rule():
     assert fused_linear.default_chunk_size(32000, torch.bfloat16) == budget // (32000 * 2) // 16 * 16
     assert fused_linear.default_chunk_size(budget // 40, torch.float32) == 10  # < 16: not rounded
     assert fused_linear.default_chunk_size(budget, torch.float32) == 1
+    # At most a quarter of the batch (at least 16 rows), so that the three chunk buffers stay
+    # under the unfused logits.
+    assert fused_linear.default_chunk_size(32000, torch.bfloat16, rows=1024) == 256
+    assert fused_linear.default_chunk_size(32000, torch.bfloat16, rows=4096) == 512
+    assert fused_linear.default_chunk_size(32000, torch.float32, rows=8) == 16
+    assert fused_linear.default_chunk_size(32000, torch.float32, rows=100) == 16
 
 
 @pytest.mark.parametrize("beta", BETAS)
