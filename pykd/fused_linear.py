@@ -14,20 +14,26 @@ from torch import Tensor, nn
 from . import ops
 from .loss import check_settings
 
-__all__ = ["FusedLinearKDLoss", "fused_linear_kd_loss", "default_chunk_size", "CHUNK_BYTES"]
+__all__ = ["FusedLinearKDLoss", "fused_linear_kd_loss", "default_chunk_size", "CHUNK_BYTES",
+           "MAX_CHUNK_ROWS"]
 
-# The automatic chunk: as many rows as make one chunk of logits at most CHUNK_BYTES, and at most
-# a quarter of the batch's rows (never fewer than 16), a multiple of 16 rows when that is at
+# The automatic chunk: at most MAX_CHUNK_ROWS rows, at most CHUNK_BYTES of logits, and at most
+# a quarter of the batch's rows (never fewer than 16); a multiple of 16 rows when that is at
 # least 16. A step keeps three such chunks alive (student logits, teacher logits, the logit
-# gradient): under the unfused form's three [N, V] tensors at any N.
+# gradient): under the unfused form's three [N, V] tensors at any N. On the CPU 256-row chunks
+# were the fastest measured at N = 4096, H = 1024, V = 32000 in float32 (vs 128) and bfloat16
+# (vs 128 and 512): the matmuls' efficiency against the per-chunk work (bench/README.md).
 CHUNK_BYTES = 32 * 2**20
+MAX_CHUNK_ROWS = 256
 
 
 def default_chunk_size(vocab, dtype, rows=None):
-    """Rows per chunk when none is given: a [rows, vocab] chunk of `dtype` logits of at most
-    CHUNK_BYTES and, given the batch's `rows`, at most max(16, ceil(rows / 4)) rows; rounded down
-    to a multiple of 16 rows when at least 16, at least 1 row."""
-    chunk = CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size())
+    """Rows per chunk when none is given: at most MAX_CHUNK_ROWS, a [rows, vocab] chunk of
+    `dtype` logits of at most CHUNK_BYTES and, given the batch's `rows`, at most
+    max(16, ceil(rows / 4)) rows; rounded down to a multiple of 16 rows when at least 16, at
+    least 1 row."""
+    chunk = min(MAX_CHUNK_ROWS,
+                CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
     if rows is not None:
         chunk = min(chunk, max(16, -(-rows // 4)))
     return max(1, chunk // 16 * 16 if chunk >= 16 else chunk)
@@ -234,7 +240,7 @@ class FusedLinearKDLoss(nn.Module):
     Hidden states are [N, H] / [N, Ht] or [B, L, H] / [B, L, Ht] (any leading shape, the same for
     both, and for ``labels``), weights [V, H] / [V, Ht] (an ``nn.Linear``'s ``weight``), biases [V].
     Each chunk of ``chunk_size`` rows (default: :func:`default_chunk_size`, a chunk of logits of at
-    most 32 MiB and at most a quarter of the rows) goes through two matmuls, pykd's one-pass
+    most 32 MiB, 256 rows and a quarter of the batch) goes through two matmuls, pykd's one-pass
     kernel (loss and logit gradient) and the matmuls of the student's hidden-state, weight and
     bias gradients, all in the forward; the backward only scales them by the upstream gradient. The teacher takes no gradient: its tensors
     are used as if detached, even when they require grad.

@@ -139,13 +139,14 @@ def test_chunks_bound_the_logits(monkeypatch):
 def test_default_chunk_size_rule():
     budget = fused_linear.CHUNK_BYTES
     assert fused_linear.default_chunk_size(32000, torch.float32) == budget // (32000 * 4) // 16 * 16
-    assert fused_linear.default_chunk_size(32000, torch.bfloat16) == budget // (32000 * 2) // 16 * 16
+    assert fused_linear.default_chunk_size(128256, torch.bfloat16) == 128  # 32 MiB of logits
+    assert fused_linear.default_chunk_size(32000, torch.bfloat16) == fused_linear.MAX_CHUNK_ROWS
     assert fused_linear.default_chunk_size(budget // 40, torch.float32) == 10  # < 16: not rounded
     assert fused_linear.default_chunk_size(budget, torch.float32) == 1
     # At most a quarter of the batch (at least 16 rows), so that the three chunk buffers stay
     # under the unfused logits.
     assert fused_linear.default_chunk_size(32000, torch.bfloat16, rows=1024) == 256
-    assert fused_linear.default_chunk_size(32000, torch.bfloat16, rows=4096) == 512
+    assert fused_linear.default_chunk_size(32000, torch.bfloat16, rows=4096) == 256
     assert fused_linear.default_chunk_size(32000, torch.float32, rows=8) == 16
     assert fused_linear.default_chunk_size(32000, torch.float32, rows=100) == 16
 
