@@ -54,8 +54,9 @@ def _loss_fn(impl):
 
     import pykd
 
-    if impl == "fused":
-        module = pykd.FusedLinearKDLoss(TEMPERATURE, SOFT, HARD)
+    if impl.startswith("fused"):  # "fused", or "fused:ROWS" for a given chunk_size
+        chunk = int(impl.partition(":")[2]) if ":" in impl else None
+        module = pykd.FusedLinearKDLoss(TEMPERATURE, SOFT, HARD, chunk_size=chunk)
         return lambda h, w, th, tw, labels: module(h, w, th, tw, labels)
     if impl == "unfused_pykd":
         module = pykd.KDLoss(TEMPERATURE, SOFT, HARD)
@@ -150,7 +151,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per child process")
     parser.add_argument("--rounds", type=int, default=1,
                         help="child processes per implementation, taking turns")
-    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS),
+                        help="of " + ", ".join(IMPLEMENTATIONS) + "; fused:ROWS for a chunk_size")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", nargs=5, metavar=("IMPL", "ROWS", "HIDDEN", "VOCAB", "DTYPE"),
                         help=argparse.SUPPRESS)
@@ -183,8 +185,8 @@ def main():
           "peak / fused |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        fused = next((f for f in results if f["impl"] == "fused" and f["rows"] == r["rows"]
-                      and f["dtype"] == r["dtype"]), r)
+        fused = next((f for f in results if f["impl"].startswith("fused")
+                      and f["rows"] == r["rows"] and f["dtype"] == r["dtype"]), r)
         print(f"| {r['rows']} | {r['dtype']} | {r['impl']} | {r['median_s'] * 1e3:.0f} | "
               f"{min(r['times_s']) * 1e3:.0f}-{max(r['times_s']) * 1e3:.0f} | "
               f"{r['peak_mib']:.0f} | {r['median_s'] / fused['median_s']:.2f}x | "
