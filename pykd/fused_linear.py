@@ -242,8 +242,9 @@ class FusedLinearKDLoss(nn.Module):
     Each chunk of ``chunk_size`` rows (default: :func:`default_chunk_size`, a chunk of logits of at
     most 32 MiB, 256 rows and a quarter of the batch) goes through two matmuls, pykd's one-pass
     kernel (loss and logit gradient) and the matmuls of the student's hidden-state, weight and
-    bias gradients, all in the forward; the backward only scales them by the upstream gradient. The teacher takes no gradient: its tensors
-    are used as if detached, even when they require grad.
+    bias gradients, all in the forward; the backward only scales them by the upstream gradient.
+    The teacher takes no gradient: its tensors are used as if detached, even when they require
+    grad.
 
     Under autocast (CPU or CUDA) the hidden states, weights and biases are cast to the autocast
     dtype first, as a matmul would do, and their gradients come back in their own dtypes. It is
