@@ -8,7 +8,7 @@ from torch import nn
 
 import pykd
 from pykd import fused_linear
-from testing import TOLERANCES, assert_close, run_python
+from testing import DEVICES, TOLERANCES, assert_close, run_python
 
 BETAS = [0.0, 0.5, 1.0]
 HIDDEN, TEACHER_HIDDEN, VOCAB = 16, 24, 300
@@ -72,11 +72,20 @@ def assert_as_close_as(actual, baseline, expected, dtype, scale):
     assert error <= 2.5 * baseline_error + TOLERANCES[dtype][1] * scale, (error, baseline_error)
 
 
-def check_against_unfused(tensors, labels, chunk_size=None, **settings):
+def on_device(fn, tensors, labels, device):
+    """loss_and_grads with the tensors and labels on `device`, the results back on the CPU."""
+    moved = {k: None if v is None else v.to(device) for k, v in tensors.items()}
+    loss, grads = loss_and_grads(fn, moved, None if labels is None else labels.to(device))
+    return loss.cpu(), {k: g.cpu() for k, g in grads.items()}
+
+
+def check_against_unfused(tensors, labels, chunk_size=None, device="cpu", **settings):
+    """The fused loss on `device` against the float64 unfused loss on the CPU (for bfloat16: as
+    close as the unfused loss in bfloat16 on the same device)."""
     dtype = tensors["student_hidden"].dtype
     settings = dict(dict(temperature=2.0, soft_weight=1.0, hard_weight=0.0), **settings)
-    loss, grads = loss_and_grads(
-        pykd.FusedLinearKDLoss(**settings, chunk_size=chunk_size), tensors, labels)
+    loss, grads = on_device(
+        pykd.FusedLinearKDLoss(**settings, chunk_size=chunk_size), tensors, labels, device)
     as64 = {k: None if v is None else v.double() for k, v in tensors.items()}
     ref_loss, ref_grads = loss_and_grads(unfused(settings), as64, labels)
     assert loss.dtype == dtype
@@ -84,7 +93,7 @@ def check_against_unfused(tensors, labels, chunk_size=None, **settings):
     for name, grad in grads.items():
         assert grad.dtype == dtype and grad.shape == tensors[name].shape, name
     if dtype == torch.bfloat16:
-        same_loss, same_grads = loss_and_grads(unfused(settings), tensors, labels)
+        same_loss, same_grads = on_device(unfused(settings), tensors, labels, device)
         assert_as_close_as(loss, same_loss, ref_loss, dtype, ref_loss.abs().item())
         for name, grad in grads.items():
             assert_as_close_as(grad, same_grads[name], ref_grads[name], dtype,
@@ -96,16 +105,17 @@ def check_against_unfused(tensors, labels, chunk_size=None, **settings):
     return loss, grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("terms", ["soft", "masked_soft", "masked_soft_and_hard"])
-def test_matches_unfused(dtype, beta, bias, terms):
+def test_matches_unfused(device, dtype, beta, bias, terms):
     rows = 23  # 5 chunks of 5 rows and one of 3
     labels = None if terms == "soft" else labels_for((rows,))
     weights = dict(soft_weight=0.3, hard_weight=0.7) if terms.endswith("hard") else {}
     loss, grads = check_against_unfused(
-        inputs(rows, dtype, bias), labels, chunk_size=5, beta=beta, **weights)
+        inputs(rows, dtype, bias), labels, chunk_size=5, device=device, beta=beta, **weights)
     if labels is not None:
         assert (grads["student_hidden"][labels == -100] == 0).all()
 
@@ -115,11 +125,12 @@ def test_float64_and_the_automatic_chunk():
                           soft_weight=0.5, hard_weight=0.5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 16, 40, None])
-def test_chunk_boundaries(chunk_size):
+def test_chunk_boundaries(device, chunk_size):
     """Chunks that do not divide N, one chunk of all rows, a chunk larger than N."""
     check_against_unfused(inputs(17, torch.float32, bias=True), labels_for((17,)),
-                          chunk_size=chunk_size, hard_weight=0.5)
+                          chunk_size=chunk_size, device=device, hard_weight=0.5)
 
 
 def test_chunks_bound_the_logits(monkeypatch):
@@ -165,20 +176,23 @@ def test_three_dimensional_hidden_states(beta):
     torch.testing.assert_close(grads["student_hidden"].reshape(21, -1), flat_grads["student_hidden"])
 
 
-def test_an_all_masked_chunk():
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_all_masked_chunk(device):
     labels = labels_for((20,))
     labels[5:10] = -100  # the second chunk of 5
     loss, grads = check_against_unfused(inputs(20, torch.float32, bias=True), labels,
-                                        chunk_size=5, soft_weight=0.5, hard_weight=0.5)
+                                        chunk_size=5, device=device, soft_weight=0.5,
+                                        hard_weight=0.5)
     assert (grads["student_hidden"][5:10] == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("beta", BETAS)
-def test_an_all_masked_batch_and_an_empty_one_give_zero(beta):
+def test_an_all_masked_batch_and_an_empty_one_give_zero(device, beta):
     module = pykd.FusedLinearKDLoss(2.0, soft_weight=0.5, hard_weight=0.5, beta=beta, chunk_size=4)
     for rows in (10, 0):
         tensors = inputs(rows, torch.float32, bias=True)
-        loss, grads = loss_and_grads(module, tensors, torch.full((rows,), -100))
+        loss, grads = on_device(module, tensors, torch.full((rows,), -100), device)
         assert loss == 0
         assert all((g == 0).all() for g in grads.values()) and len(grads) == 3
 
