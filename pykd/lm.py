@@ -14,7 +14,6 @@ ignore_index, which both the cross-entropy and the KD term skip (token masks). T
 ``--train-bytes`` / ``--eval-bytes`` of the splits (in file order) are used. Results depend on
 the Python version (its standard library), which the report names.
 """
-import argparse
 import math
 import statistics
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import models
+from . import cli, models
 from .fused_linear import FusedLinearKDLoss
 
 IGNORE = -100
@@ -122,59 +121,21 @@ def describe(loss):
     return f"{loss:.4f} nats, perplexity {math.exp(loss):.3f}, {loss / math.log(2):.3f} bits/byte"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, as the pykd command line
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-        return value
-    return parse
-
-
-def _weight(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _seeds(text):
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
-            from None
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct integers >= 0, got {text!r}")
-    return seeds
-
-
 def build_parser():
-    p = _Parser(prog="python -m pykd.lm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher-steps", type=_positive(int), default=400)
-    p.add_argument("--student-steps", type=_positive(int), default=400)
-    p.add_argument("--batch-size", type=_positive(int), default=32, help="windows per step")
-    p.add_argument("--context", type=_positive(int), default=128, help="bytes per window")
-    p.add_argument("--train-bytes", type=_positive(int), default=2_000_000)
-    p.add_argument("--eval-bytes", type=_positive(int), default=100_000,
+    """The pykd command line's parser and argument types (one-line errors, exit status 2)."""
+    p = cli.Parser(prog="python -m pykd.lm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher-steps", type=cli.positive_int, default=400)
+    p.add_argument("--student-steps", type=cli.positive_int, default=400)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="windows per step")
+    p.add_argument("--context", type=cli.positive_int, default=128, help="bytes per window")
+    p.add_argument("--train-bytes", type=cli.positive_int, default=2_000_000)
+    p.add_argument("--eval-bytes", type=cli.positive_int, default=100_000,
                    help="bytes of the validation and of the test split used")
-    p.add_argument("--lr", type=_positive(float), default=2e-3)
-    p.add_argument("--temperature", type=_positive(float), default=2.0)
-    p.add_argument("--soft-weight", type=_weight, default=0.5)
-    p.add_argument("--hard-weight", type=_weight, default=0.5)
-    p.add_argument("--seeds", type=_seeds, default=[0],
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3)
+    p.add_argument("--temperature", type=cli.positive_float, default=2.0)
+    p.add_argument("--soft-weight", type=cli.weight, default=0.5)
+    p.add_argument("--hard-weight", type=cli.weight, default=0.5)
+    p.add_argument("--seeds", type=cli.seed_list, default=[0],
                    help="the students' seeds (initialisation and batches), comma-separated")
     return p
 

@@ -66,8 +66,9 @@ def test_end_to_end_run_reports_every_model():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--seeds", "1,1"], "argument --seeds: expected distinct integers >= 0, got '1,1'"),
-    (["--teacher-steps", "0"], "argument --teacher-steps: must be a finite number > 0, got 0"),
+    (["--seeds", "1,1"], "argument --seeds: '1,1' repeats a value"),
+    (["--seeds", "-1"], "argument --seeds: -1: must be an integer in [0, 4294967295], got -1"),
+    (["--teacher-steps", "0"], "argument --teacher-steps: must be an integer >= 1, got 0"),
     (["--soft-weight", "0", "--hard-weight", "0"], "--soft-weight and --hard-weight are both 0"),
 ])
 def test_bad_input_is_one_line(argv, message):
