@@ -6,18 +6,42 @@ reference. The generic test matrix (test_kd_loss.py) covers the API on every dev
 
 Which path a shape takes (csrc/cuda/kd_loss_rows.cuh): rows up to ~5600 classes of a float32 pair
 (~11000 of a 16-bit pair, ~1400 of float64) are staged in shared memory; longer rows (32001,
-50257, 128256 here, and float64 rows of 2000) are read again from global memory/L2."""
+50257, 128256 here, and float64 rows of 2000) are read again from global memory/L2.
+
+With PYKD_EMULATED_CUDA=forward|reverse|shuffled (see conftest.py) the same tests run the CUDA
+drivers and kernels on the host instead (tests/emulated_cuda: CPU tensors, the "device" results
+from the CUDA code, the "cpu" ones from the CPU kernels), except those that need a GPU (CUDA
+graphs, torch.compile, devices, device-side asserts in a child process, 2^31 elements)."""
+import contextlib
+import os
+
 import pytest
 import torch
 
 import pykd
+from emulated_cuda import build as emulated_cuda
 from pykd import ops, reference
 from testing import TOLERANCES, cuda_kernels_built, run_python
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and cuda_kernels_built()),
-    reason="needs a CUDA GPU and pykd built with its CUDA kernels",
-)
+EMULATED = os.environ.get("PYKD_EMULATED_CUDA")
+DEVICE = "cpu" if EMULATED else "cuda"
+if EMULATED:
+    pytestmark = pytest.mark.skipif(
+        emulated_cuda.cuda_include_dir() is None,
+        reason="emulated CUDA needs the CUDA toolkit's headers (CUDA_HOME)")
+else:
+    pytestmark = pytest.mark.skipif(
+        not (torch.cuda.is_available() and cuda_kernels_built()),
+        reason="needs a CUDA GPU and pykd built with its CUDA kernels",
+    )
+gpu_only = pytest.mark.skipif(bool(EMULATED), reason="needs a GPU (not emulated)")
+
+
+def device_kernels():
+    """Where the pykd ops called within run their CUDA kernels: on the GPU, or emulated."""
+    if not EMULATED:
+        return contextlib.nullcontext()
+    return emulated_cuda.emulated()
 
 REDUCED = [torch.float32, torch.bfloat16, torch.float16]
 # Every (student, teacher) pair the op accepts.
@@ -43,21 +67,31 @@ def rows_for(classes):
 
 
 def logits(shape, dtype, scale=3.0, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return (torch.randn(shape, generator=gen, device="cuda") * scale).to(dtype)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return (torch.randn(shape, generator=gen, device=DEVICE) * scale).to(dtype)
 
 
 def random_labels(rows, classes, masked=0.25, ignore_index=-100, seed=3):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    labels = torch.randint(0, classes, (rows,), generator=gen, device="cuda")
-    drop = torch.rand(rows, generator=gen, device="cuda") < masked
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=gen, device=DEVICE)
+    drop = torch.rand(rows, generator=gen, device=DEVICE) < masked
     return torch.where(drop, torch.full_like(labels, ignore_index), labels)
 
 
 def raw_kd_loss(s, t, labels=None, temperature=2.0, beta=0.0, soft_weight=1.0, hard_weight=0.0,
                 ignore_index=-100, reduction="batchmean", grads=(True, True)):
-    return ops.kd_loss(s, t, labels, temperature, beta, soft_weight, hard_weight, ignore_index,
-                       reduction, *grads)
+    """The op's CUDA kernel."""
+    with device_kernels():
+        return ops.kd_loss(s, t, labels, temperature, beta, soft_weight, hard_weight,
+                           ignore_index, reduction, *grads)
+
+
+def cpu_kd_loss(s, t, labels=None, temperature=2.0, beta=0.0, soft_weight=1.0, hard_weight=0.0,
+                ignore_index=-100, reduction="batchmean", grads=(True, True)):
+    """The op's CPU kernel, on copies of the inputs."""
+    labels = None if labels is None else labels.cpu()
+    return ops.kd_loss(s.cpu(), t.cpu(), labels, temperature, beta, soft_weight, hard_weight,
+                       ignore_index, reduction, *grads)
 
 
 def reference_kd_loss(s, t, labels=None, temperature=2.0, beta=0.0, soft_weight=1.0,
@@ -101,8 +135,7 @@ def check(s, t, labels=None, temperature=2.0, beta=0.0, soft_weight=1.0, hard_we
     kwargs = dict(temperature=temperature, beta=beta, soft_weight=soft_weight,
                   hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction)
     loss, grad_s, grad_t = raw_kd_loss(s, t, labels, grads=grads, **kwargs)
-    cpu = raw_kd_loss(s.cpu(), t.cpu(), None if labels is None else labels.cpu(), grads=grads,
-                      **kwargs)
+    cpu = cpu_kd_loss(s, t, labels, grads=grads, **kwargs)
     loss_dtype = torch.promote_types(s.dtype, t.dtype)
     assert loss.dtype == loss_dtype and loss.device == s.device
     assert loss.shape == (s.shape[:-1] if reduction == "none" else ())
@@ -231,8 +264,9 @@ def test_kdloss_module(module_dtype):
     s = logits((4, 33, 1000), module_dtype).requires_grad_()
     t = logits((4, 33, 1000), module_dtype, seed=1)
     labels = random_labels(4 * 33, 1000).view(4, 33)
-    loss = pykd.KDLoss(temperature=4.0, soft_weight=0.5, hard_weight=0.5)(s, t, labels)
-    loss.backward()
+    with device_kernels():
+        loss = pykd.KDLoss(temperature=4.0, soft_weight=0.5, hard_weight=0.5)(s, t, labels)
+        loss.backward()
     s64 = s.detach().double().requires_grad_()
     expected = reference.kd_loss(s64, t.double(), 4.0, labels=labels, soft_weight=0.5,
                                  hard_weight=0.5)
@@ -257,8 +291,8 @@ def test_masked_teacher_classes(pair, beta, classes):
     # or the first chunks of a long row see nothing but -inf), never a whole row.
     rows = rows_for(classes)
     t = logits((rows, classes), pair[1], seed=1)
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    t[torch.rand(t.shape, generator=gen, device="cuda") < 0.3] = float("-inf")
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    t[torch.rand(t.shape, generator=gen, device=DEVICE) < 0.3] = float("-inf")
     t[1::2, : classes - 1] = float("-inf")
     t[2::3, : (classes * 3) // 4] = float("-inf")
     t[:, -1] = 1.0
@@ -291,7 +325,7 @@ def test_masked_rows(pair, classes):
 def test_all_rows_masked_give_zero(classes):
     rows = rows_for(classes)
     s, t = logits((rows, classes), torch.float32), logits((rows, classes), torch.float32, seed=1)
-    labels = torch.full((rows,), -7, device="cuda")
+    labels = torch.full((rows,), -7, device=DEVICE)
     for reduction in ["batchmean", "sum"]:
         loss, grad_s, grad_t = raw_kd_loss(s, t, labels, reduction=reduction, hard_weight=1.0,
                                            ignore_index=-7)
@@ -315,7 +349,7 @@ def test_batchmean_divides_by_the_valid_rows_counted_on_the_device():
 def test_one_class_is_exactly_zero(pair, beta):
     s = logits((67, 1), pair[0], scale=1e3)
     t = logits((67, 1), pair[1], scale=1e3, seed=1)
-    labels = torch.zeros(67, dtype=torch.long, device="cuda")
+    labels = torch.zeros(67, dtype=torch.long, device=DEVICE)
     labels[::5] = -100
     for kwargs in [{}, dict(labels=labels, hard_weight=0.5)]:
         loss, grad_s, grad_t = raw_kd_loss(s, t, beta=beta, temperature=0.3, **kwargs)
@@ -323,7 +357,7 @@ def test_one_class_is_exactly_zero(pair, beta):
     # A NaN or infinite logit makes its row NaN, and its own gradient, as on the CPU.
     s[3, 0], t[4, 0], s[5, 0] = float("nan"), float("inf"), float("-inf")
     cuda = raw_kd_loss(s, t, beta=beta, reduction="none")
-    cpu = raw_kd_loss(s.cpu(), t.cpu(), beta=beta, reduction="none")
+    cpu = cpu_kd_loss(s, t, beta=beta, reduction="none")
     for a, e in zip(cuda, cpu):
         torch.testing.assert_close(a.cpu(), e, equal_nan=True, rtol=0, atol=0)
     assert cuda[0][3:6].isnan().all() and (cuda[0][:3] == 0).all()
@@ -341,7 +375,7 @@ def test_student_without_mass_gives_inf(pair, classes):
     s[1, 1:] = float("-inf")  # -inf exactly where the teacher gives no mass: finite
     s[2, :] = float("-inf")  # a student with no mass at all: +inf, not NaN
     loss = raw_kd_loss(s, t, reduction="none", grads=(True, False))
-    expected = raw_kd_loss(s.cpu(), t.cpu(), reduction="none", grads=(True, False))
+    expected = cpu_kd_loss(s, t, reduction="none", grads=(True, False))
     assert loss[0][0].item() == float("inf") and loss[0][2].item() == float("inf")
     assert torch.isfinite(loss[0][1]) and torch.isfinite(loss[0][3:]).all()
     torch.testing.assert_close(loss[0].cpu(), expected[0], rtol=1e-4, atol=1e-5)
@@ -359,7 +393,7 @@ def test_nan_propagates():
     for beta in BETAS:
         loss = raw_kd_loss(s, t, beta=beta, reduction="none")
         assert loss[0][:4].isnan().all() and torch.isfinite(loss[0][4:]).all()
-        expected = raw_kd_loss(s.cpu(), t.cpu(), beta=beta, reduction="none")
+        expected = cpu_kd_loss(s, t, beta=beta, reduction="none")
         for a, e in zip(loss, expected):
             assert (a.isnan().cpu() == e.isnan()).all()
 
@@ -387,6 +421,7 @@ def test_large_magnitudes(dtype, classes):
 
 # ---- errors, devices, sizes ----
 
+@gpu_only
 def test_label_out_of_range_is_a_device_assert():
     # As F.cross_entropy on CUDA: a device-side assert (which ends the CUDA context, so in a
     # child process).
@@ -403,8 +438,9 @@ def test_label_out_of_range_is_a_device_assert():
     assert "assert" in result.stderr.lower(), result.stderr[-2000:]
 
 
+@gpu_only
 def test_mismatched_devices_raise_our_error():
-    s = torch.randn(4, 10, device="cuda")
+    s = torch.randn(4, 10, device=DEVICE)
     with pytest.raises(ValueError, match="same device"):
         raw_kd_loss(s, s.cpu())
     with pytest.raises(ValueError, match="same device"):
@@ -415,9 +451,10 @@ def test_mismatched_devices_raise_our_error():
 
 def test_empty_inputs():
     for shape in [(0, 10), (2, 0, 1000)]:
-        s = torch.randn(shape, device="cuda", requires_grad=True)
-        loss = pykd.kd_loss(s, torch.randn(shape, device="cuda"), reduction="sum")
-        loss.backward()
+        s = torch.randn(shape, device=DEVICE, requires_grad=True)
+        with device_kernels():
+            loss = pykd.kd_loss(s, torch.randn(shape, device=DEVICE), reduction="sum")
+            loss.backward()
         assert loss.item() == 0 and s.grad.shape == s.shape
 
 
@@ -431,6 +468,7 @@ def test_deterministic():
             assert torch.equal(a, b)
 
 
+@gpu_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_second_device():
     # The op runs on the logits' device, whatever the current device is.
@@ -441,17 +479,18 @@ def test_second_device():
     assert all(r.device == s.device for r in result)
 
 
+@gpu_only
 def test_more_than_2_31_elements():
     # Offsets past 2^31 elements: the last rows of a 2^31 + 2^17 element bfloat16 matrix.
     free, _ = torch.cuda.mem_get_info()
     rows, classes = 16385, 131072
     if free < 4 * rows * classes * 2 + (1 << 30):
         pytest.skip(f"needs {4 * rows * classes * 2 >> 30} GiB of free GPU memory")
-    s = torch.empty((rows, classes), device="cuda", dtype=torch.bfloat16).normal_()
-    t = torch.empty((rows, classes), device="cuda", dtype=torch.bfloat16).normal_()
+    s = torch.empty((rows, classes), device=DEVICE, dtype=torch.bfloat16).normal_()
+    t = torch.empty((rows, classes), device=DEVICE, dtype=torch.bfloat16).normal_()
     loss, grad_s, _ = raw_kd_loss(s, t, temperature=1.0, reduction="none", grads=(True, False))
     tail = slice(rows - 2, rows)
-    expected = raw_kd_loss(s[tail].cpu(), t[tail].cpu(), temperature=1.0, reduction="none",
+    expected = cpu_kd_loss(s[tail], t[tail], temperature=1.0, reduction="none",
                            grads=(True, False))
     torch.testing.assert_close(loss[tail].cpu(), expected[0], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(grad_s[tail].cpu(), expected[1], rtol=2e-2, atol=1e-7)
@@ -459,6 +498,7 @@ def test_more_than_2_31_elements():
 
 # ---- CUDA graphs and torch.compile ----
 
+@gpu_only
 def test_cuda_graph_capture_with_labels():
     # The op, its valid-row count and its reduction are captured into a CUDA graph (no host
     # synchronisation) and replayed on new data and new labels.
@@ -507,12 +547,14 @@ def compiled_matches_eager(compiled, dtype, steps):
         torch.testing.assert_close(x.grad, y.grad)
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compile_fullgraph_with_labels(dtype):
     torch._dynamo.reset()
     compiled_matches_eager(torch.compile(distillation_step, fullgraph=True), dtype, steps=2)
 
 
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_compile_reduce_overhead(dtype):
     # mode="reduce-overhead" runs the compiled graphs as CUDA graphs; inductor counts every graph
@@ -546,7 +588,8 @@ def sparse_check(student, values, indices, lse=None, labels=None, reduction="bat
         return loss.detach(), s.grad
 
     cpu = lambda x: None if x is None else x.cpu()  # noqa: E731
-    loss, grad = run(student, values, indices, lse, labels)
+    with device_kernels():
+        loss, grad = run(student, values, indices, lse, labels)
     cpu_loss, cpu_grad = run(*(cpu(x) for x in (student, values, indices, lse, labels)))
     s64 = student.detach().double().cpu().requires_grad_()
     ref = reference.sparse_kd_loss(s64, cpu(values), cpu(indices), 2.0, reduction,
@@ -583,10 +626,12 @@ def test_sparse_kd_loss_matches_cpu_and_reference(pair, classes, k, with_lse, in
 def test_sparse_kd_loss_masks_and_reductions(reduction, with_lse):
     s, v, i, lse = sparse_inputs(67, 4000, 16, torch.float32, torch.bfloat16)
     sparse_check(s, v, i, lse if with_lse else None, random_labels(67, 4000), reduction)
-    none_valid = torch.full((67,), -100, device="cuda")
+    none_valid = torch.full((67,), -100, device=DEVICE)
     s = s.requires_grad_()
-    loss = pykd.sparse_kd_loss(s, v, i, labels=none_valid, teacher_lse=lse if with_lse else None)
-    loss.backward()
+    with device_kernels():
+        loss = pykd.sparse_kd_loss(s, v, i, labels=none_valid,
+                                   teacher_lse=lse if with_lse else None)
+        loss.backward()
     assert loss.item() == 0 and (s.grad == 0).all()
 
 
@@ -601,6 +646,7 @@ def test_sparse_kd_loss_repeated_indices_and_small_tail():
     sparse_check(s, v, i, lse, reduction="none")
 
 
+@gpu_only
 def test_sparse_kd_loss_index_out_of_range_is_a_device_assert():
     code = (
         "import torch, pykd\n"
@@ -615,6 +661,7 @@ def test_sparse_kd_loss_index_out_of_range_is_a_device_assert():
     assert "assert" in result.stderr.lower(), result.stderr[-2000:]
 
 
+@gpu_only
 def test_sparse_kd_loss_cuda_graph_and_compile():
     s, v, i, lse = sparse_inputs(16, 2000, 8, torch.float32, torch.float32)
     labels = random_labels(16, 2000)
