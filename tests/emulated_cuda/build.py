@@ -6,9 +6,13 @@ machines without a GPU.
 within `emulated()` they are pykd's CPU kernels, so that the ordinary CPU tests run the CUDA code.
 Needs the CUDA toolkit's headers (CUDA_HOME, else /usr/local/cuda), not a GPU or nvcc.
 
-PYKD_EMULATED_CUDA_FLAGS adds compiler and linker flags, e.g. for AddressSanitizer:
-    PYKD_EMULATED_CUDA_FLAGS="-fsanitize=address" ASAN_OPTIONS=detect_leaks=0 \
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) PYKD_EMULATED_CUDA=forward pytest tests/test_cuda.py
+PYKD_EMULATED_CUDA_FLAGS adds compiler and linker flags, e.g. for AddressSanitizer (libstdc++
+preloaded too, or ASan cannot intercept the C++ exceptions of the checks):
+    PYKD_EMULATED_CUDA_FLAGS="-fsanitize=address -fno-omit-frame-pointer" \
+    ASAN_OPTIONS=detect_leaks=0:log_path=/tmp/asan \
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
+    PYKD_EMULATED_CUDA=forward pytest tests/test_cuda.py
+(log_path: pytest captures stderr, and ASan ends the process before pytest can show it.)
 """
 
 import contextlib
@@ -101,13 +105,8 @@ def load(verbose=False):
         for p in [*sorted(CSRC.glob("*.h")), *sorted((CSRC / "cuda").iterdir())]
         if p.suffix in {".h", ".cuh", ".cu"}
     }
-    key = hashlib.sha256()
-    for part in [torch.__version__, *flags, *schemas]:
-        key.update(part.encode())
-    for path in sorted(HERE.rglob("*.h*")):
-        key.update(path.read_bytes())
-    for rel, text in files.items():
-        key.update(str(rel).encode() + text.encode())
+    # One build directory per torch and flags; ninja rebuilds what changed in it.
+    key = hashlib.sha256("\n".join([torch.__version__, *flags, *schemas]).encode())
     root = Path(tempfile.gettempdir()) / "pykd_emulated_cuda" / key.hexdigest()[:16]
     sources = []
     for rel, text in files.items():

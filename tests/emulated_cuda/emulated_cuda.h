@@ -4,8 +4,10 @@
 //
 // What is emulated: a launch runs its blocks one after another; the threads of a block are fibers
 // (ucontext) on one OS thread, each running until it waits at a barrier (__syncthreads, a warp's
-// __syncwarp or shuffle), in an order chosen by set_schedule (forward, reverse, or shuffled anew
-// at every barrier), so that a missing barrier shows up as a schedule-dependent result. Shuffles
+// __syncwarp or shuffle). The scheduler always runs the runnable thread of highest priority, the
+// priorities in thread order, reversed, or shuffled anew whenever a barrier opens (set_schedule):
+// a warp runs ahead of the rest of its block as far as its barriers let it, so that a missing
+// barrier gives a wrong or schedule-dependent result instead of passing by luck. Shuffles
 // exchange values through per-warp slots; a barrier that not every thread of its block or warp
 // reaches is reported as a deadlock; dynamic shared memory is filled with 0xff bytes before each
 // block (a read before any write gives NaN); a launch with more than 1024 threads, an empty grid,
@@ -59,7 +61,7 @@ constexpr size_t kFiberStack = 256 * 1024;
 enum class Schedule { Forward = 0, Reverse = 1, Shuffled = 2 };
 
 struct Barrier {
-  int count = 0;
+  int first = 0, count = 0;  // the fibers [first, first + count) wait at it
   int arrived = 0;
 };
 
@@ -82,7 +84,9 @@ struct Machine {
   std::vector<Barrier> warp_barriers;
   std::vector<uint64_t> warp_slots;  // kWarp per warp
   std::vector<unsigned char> dynamic_shared;
-  std::vector<int> order;
+  std::vector<int> order;  // the fibers' priorities, highest first
+  bool released = false;   // a barrier let its fibers go since the scheduler last looked
+  int finished = 0;
   jmp_buf scheduler;
   int current = 0;
   std::function<void()> body;
@@ -179,11 +183,10 @@ inline void wait(Barrier& b) {
   Machine& m = *machine();
   if (++b.arrived == b.count) {
     b.arrived = 0;
-    for (Fiber& f : m.fibers) {
-      if (f.waiting == &b) {
-        f.waiting = nullptr;
-      }
+    for (int i = b.first; i < b.first + b.count; ++i) {
+      m.fibers[i].waiting = nullptr;
     }
+    m.released = true;
   } else {
     current_fiber().waiting = &b;
   }
@@ -246,6 +249,7 @@ inline void fiber_main() {
     }
   }
   current_fiber().done = true;
+  ++m.finished;
   switching(nullptr, scheduler_stack(), scheduler_stack_size());  // this stack is done
   _longjmp(m.scheduler, 1);
 }
@@ -262,43 +266,36 @@ inline void run_block(Machine& m) {
     f.start.uc_link = nullptr;  // fiber_main never returns
     makecontext(&f.start, &fiber_main, 0);
   }
-  for (;;) {
-    if (settings().schedule == Schedule::Shuffled) {
-      std::shuffle(m.order.begin(), m.order.end(), m.random);
-    }
-    bool any_left = false, progressed = false;
-    for (const int i : m.order) {
-      Fiber& f = m.fibers[i];
-      if (f.done) {
-        continue;
+  m.finished = 0;
+  m.released = true;
+  // Always the runnable fiber of highest priority: a warp that can go on runs ahead of the rest
+  // of its block as far as its barriers let it, which a missing barrier cannot survive.
+  const int n = static_cast<int>(m.fibers.size());
+  int next = 0;
+  while (m.finished < n) {
+    if (m.released) {
+      m.released = false;
+      next = 0;
+      if (settings().schedule == Schedule::Shuffled) {
+        std::shuffle(m.order.begin(), m.order.end(), m.random);
       }
-      any_left = true;
-      if (f.waiting != nullptr) {
-        continue;
-      }
-      m.current = i;
-      enter(f);
-      progressed = true;
     }
-    if (!any_left) {
-      return;
+    while (next < n && (m.fibers[m.order[next]].done || m.fibers[m.order[next]].waiting)) {
+      ++next;
     }
-    if (!progressed) {
-      int waiting = 0, finished = 0;
-      for (const Fiber& f : m.fibers) {
-        waiting += f.waiting != nullptr;
-        finished += f.done;
-      }
+    if (next == n) {
       if (!m.error) {
         m.error = std::make_exception_ptr(c10::Error(
             {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
             "emulated CUDA: deadlock in block (" + std::to_string(m.block_index.x) + ", " +
-                std::to_string(m.block_index.y) + "): " + std::to_string(waiting) +
-                " threads wait at a barrier that " + std::to_string(finished) +
+                std::to_string(m.block_index.y) + "): " + std::to_string(n - m.finished) +
+                " threads wait at a barrier that " + std::to_string(m.finished) +
                 " finished threads never reach"));
       }
       return;
     }
+    m.current = m.order[next];
+    enter(m.fibers[m.current]);
   }
 }
 
@@ -353,10 +350,11 @@ void launch(void (*kernel)(P...), const Call<A...>& call) {
     f.linear = static_cast<int>(i);
     f.thread = dim3(i % c.block.x, i / c.block.x % c.block.y, i / (c.block.x * c.block.y));
   }
-  m.block_barrier.count = static_cast<int>(threads);
+  m.block_barrier.count = static_cast<int>(threads);  // first = 0
   const int warps = static_cast<int>((threads + kWarp - 1) / kWarp);
   m.warp_barriers.resize(warps);
   for (int w = 0; w < warps; ++w) {
+    m.warp_barriers[w].first = w * kWarp;
     m.warp_barriers[w].count = std::min<int>(kWarp, static_cast<int>(threads) - w * kWarp);
   }
   m.warp_slots.assign(size_t(warps) * kWarp, 0);
