@@ -208,17 +208,18 @@ inline void sync_warp(unsigned mask = 0xffffffffu) {
   wait(m.warp_barriers[warp]);
 }
 
+// __shfl_xor_sync over a whole warp (pykd's kernels pass no width).
 template <typename T>
-T shfl_xor(unsigned mask, T value, int lane_mask, int width = kWarp) {
+T shfl_xor(unsigned mask, T value, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   Machine& m = *machine();
   const int linear = current_fiber().linear, warp = linear / kWarp, lane = linear % kWarp;
   uint64_t* slots = m.warp_slots.data() + warp * kWarp;
   std::memcpy(&slots[lane], &value, sizeof(T));
   sync_warp(mask);
-  const int source = lane ^ lane_mask;
+  const int source = (lane ^ lane_mask) & (kWarp - 1);
   T result = value;
-  if (source / width == lane / width && source < m.warp_barriers[warp].count) {
+  if (source < m.warp_barriers[warp].count) {
     std::memcpy(&result, &slots[source], sizeof(T));
   }
   sync_warp(mask);  // the slots may be written again
