@@ -196,6 +196,7 @@ def _fused_linear_kd_loss_fake(
 
 def _setup_context(ctx, inputs, output):
     ctx.computed = inputs[-3:]  # hidden_grad, weight_grad, bias_grad
+    ctx.loss_dtype = output[0].dtype
     ops.save_grads_for_backward(ctx, list(output[1:]))
 
 
@@ -209,14 +210,44 @@ def _backward(ctx, grad_loss, *_grads):
             "fused_linear_kd_loss: a gradient is needed that the forward did not compute; call "
             "torch.ops.pykd.fused_linear_kd_loss with hidden_grad/weight_grad/bias_grad set for "
             "the student inputs that require grad (pykd.FusedLinearKDLoss does this)")
-    grads = ops.saved_grads(ctx, "fused_linear_kd_loss")
+    grads, anchor = ops.saved_grads(ctx, "fused_linear_kd_loss")
     wanted = [g for g, need in zip(grads, needs) if need]
     scaled = iter(ops.first_order_only(
-        "fused_linear_kd_loss", ops.scale_saved_grads(wanted, grad_loss)))
+        "fused_linear_kd_loss", ops.scale_saved_grads(wanted, grad_loss), anchor))
     return tuple(next(scaled) if need else None for need in needs) + (None,) * (inputs - 3)
 
 
 fused_linear_kd_loss.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_vmap(fused_linear_kd_loss, ops.vmap_by_loop(fused_linear_kd_loss))
+
+
+def _forward(*inputs):
+    with torch._C._AutoDispatchBelowAutograd():
+        return fused_linear_kd_loss(*inputs)
+
+
+def _jvp(ctx, hidden_tangent, weight_tangent, bias_tangent, *_):
+    # As in the backward, the teacher's tensors are used as if detached: their tangents add nothing.
+    tangent = ops.loss_tangent(ctx, [hidden_tangent, weight_tangent, bias_tangent], ctx.loss_dtype)
+    return tangent, None, None, None
+
+
+# The autograd registered above for eager calls, as pykd.ops does for the other losses (no
+# per-call schema handling; torch.func transforms and forward-mode AD supported).
+_eager_fused_linear_kd_loss = ops.autograd_function(
+    "_EagerFusedLinearKDLoss", _forward, _setup_context, _backward, _jvp)
+
+
+def _fused_linear_kd_loss_with_autograd(*inputs):
+    """The loss of fused_linear_kd_loss(*inputs) with its autograd."""
+    if torch.compiler.is_compiling():
+        return fused_linear_kd_loss(*inputs)[0]
+    if ops.forward_mode_active():
+        inputs = (*inputs[:-3], True, True, inputs[2] is not None)
+    elif not (torch.is_grad_enabled() and any(inputs[-3:])):
+        with torch._C._AutoDispatchBelowAutograd():
+            return fused_linear_kd_loss(*inputs)[0]
+    return _eager_fused_linear_kd_loss(*inputs)[0]
 
 
 def _autocast(tensor, device_type):
@@ -296,14 +327,14 @@ class FusedLinearKDLoss(nn.Module):
             None if t is None else _autocast(t, device).detach()
             for t in (teacher_hidden, teacher_weight, teacher_bias))
         grad = torch.is_grad_enabled()
-        return fused_linear_kd_loss(
+        return _fused_linear_kd_loss_with_autograd(
             student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
             teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
             None if labels is None else labels.reshape(-1), self.temperature, self.beta,
             self.soft_weight, self.hard_weight, self.ignore_index, self.chunk_size or 0,
             grad and student_hidden.requires_grad, grad and student_weight.requires_grad,
             grad and student_bias is not None and student_bias.requires_grad,
-        )[0]
+        )
 
     def extra_repr(self):
         return (

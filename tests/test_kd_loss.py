@@ -217,9 +217,8 @@ def test_opcheck(device, dtypes, classes):
 def test_second_derivatives_raise():
     student = logits((4, 10), torch.float64, "cpu").requires_grad_()
     teacher = logits((4, 10), torch.float64, "cpu", seed=1)
-    (grad,) = torch.autograd.grad(pykd.kd_loss(student, teacher, 2.0), student, create_graph=True)
-    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="kd_loss: second derivatives are not implemented"):
+        torch.autograd.grad(pykd.kd_loss(student, teacher, 2.0), student, create_graph=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
