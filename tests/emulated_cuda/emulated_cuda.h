@@ -368,14 +368,13 @@ void launch(void (*kernel)(P...), const Call<A...>& call) {
   m.body = [&] { std::apply(kernel, call.args); };
 
   machine() = &m;
-  for (unsigned z = 0; z < c.grid.z && !m.error; ++z) {
-    for (unsigned y = 0; y < c.grid.y && !m.error; ++y) {
-      for (unsigned x = 0; x < c.grid.x && !m.error; ++x) {
+  // The launch stops at the first block that fails (an exception or a device-side assert).
+  auto running = [&] { return !m.error && m.assert_failure.empty(); };
+  for (unsigned z = 0; z < c.grid.z && running(); ++z) {
+    for (unsigned y = 0; y < c.grid.y && running(); ++y) {
+      for (unsigned x = 0; x < c.grid.x && running(); ++x) {
         m.block_index = dim3(x, y, z);
         run_block(m);
-        if (!m.assert_failure.empty()) {
-          break;
-        }
       }
     }
   }
