@@ -21,9 +21,19 @@ def _check_number(owner, name, value):
     return float(value)
 
 
-def _check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def check_reduction(owner, reduction):
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"{owner}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_ignore_index(owner, ignore_index):
+    """ignore_index as a Python int: an integer (not a bool) that fits in int64."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{owner}: ignore_index must be an integer, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"{owner}: ignore_index must fit in int64, got {ignore_index}")
+    return int(ignore_index)
 
 
 def check_settings(owner, temperature, soft_weight, hard_weight, beta, ignore_index):
@@ -40,9 +50,7 @@ def check_settings(owner, temperature, soft_weight, hard_weight, beta, ignore_in
             raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {weight}")
     if not 0 <= beta <= 1:
         raise ValueError(f"{owner}: beta must be a number in [0, 1], got {beta}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"{owner}: ignore_index must be an integer, got {ignore_index!r}")
-    return temperature, soft_weight, hard_weight, beta, int(ignore_index)
+    return temperature, soft_weight, hard_weight, beta, check_ignore_index(owner, ignore_index)
 
 
 def _fused_loss(student_logits, teacher_logits, labels, temperature, beta, soft_weight,
@@ -84,7 +92,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     """
     return _fused_loss(
         student_logits, teacher_logits, labels, _check_number("kd_loss", "temperature", temperature),
-        _check_number("kd_loss", "beta", beta), 1.0, 0.0, ignore_index, reduction,
+        _check_number("kd_loss", "beta", beta), 1.0, 0.0, check_ignore_index("kd_loss", ignore_index),
+        check_reduction("kd_loss", reduction),
     )
 
 
@@ -108,8 +117,7 @@ class KDLoss(nn.Module):
         (self.temperature, self.soft_weight, self.hard_weight, self.beta,
          self.ignore_index) = check_settings(
             "KDLoss", temperature, soft_weight, hard_weight, beta, ignore_index)
-        _check_reduction(reduction)
-        self.reduction = reduction
+        self.reduction = check_reduction("KDLoss", reduction)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         if self.hard_weight != 0 and labels is None:

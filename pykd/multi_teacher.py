@@ -5,7 +5,7 @@ import numbers
 import torch
 
 from . import ops
-from .loss import REDUCTIONS, _check_number
+from .loss import _check_number, check_ignore_index, check_reduction
 
 MAX_TEACHERS = 32
 _OWNER = "multi_teacher_kd_loss"
@@ -106,14 +106,12 @@ def multi_teacher_kd_loss(student_logits, teacher_logits, weights=None, temperat
     temperature = _check_number(_OWNER, "temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{_OWNER}: temperature must be a finite number > 0, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{_OWNER}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(_OWNER, reduction)
     if labels is not None and not isinstance(labels, torch.Tensor):
         raise TypeError(f"{_OWNER}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"{_OWNER}: ignore_index must be an integer, got {ignore_index!r}")
+    ignore_index = check_ignore_index(_OWNER, ignore_index)
     grad = torch.is_grad_enabled()
     return ops.multi_teacher_kd_loss_with_autograd(
-        student_logits, teachers, weights, labels, temperature, int(ignore_index), reduction,
+        student_logits, teachers, weights, labels, temperature, ignore_index, reduction,
         grad and student_logits.requires_grad, grad and any(t.requires_grad for t in teachers),
     )

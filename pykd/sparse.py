@@ -1,11 +1,10 @@
 """The distillation loss against a sparse teacher: its top-k logits (offline distillation)."""
-import numbers
 
 import torch
 
 from . import ops
+from .loss import _check_number, check_ignore_index, check_reduction
 
-_REDUCTIONS = ("batchmean", "sum", "none")
 
 
 def _check_tensor(name, value, optional=False):
@@ -62,16 +61,11 @@ def sparse_kd_loss(student_logits, teacher_values, teacher_indices, temperature=
     _check_tensor("teacher_indices", teacher_indices)
     _check_tensor("teacher_lse", teacher_lse, optional=True)
     _check_tensor("labels", labels, optional=True)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(
-            f"sparse_kd_loss: temperature must be a Python number, got {type(temperature).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"sparse_kd_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"sparse_kd_loss: ignore_index must be an integer, got {ignore_index!r}")
+    temperature = _check_number("sparse_kd_loss", "temperature", temperature)
+    check_reduction("sparse_kd_loss", reduction)
+    ignore_index = check_ignore_index("sparse_kd_loss", ignore_index)
     grad = torch.is_grad_enabled() and student_logits.requires_grad
     return ops.sparse_kd_loss_with_autograd(
-        student_logits, teacher_values, teacher_indices, teacher_lse, labels, float(temperature),
-        int(ignore_index), reduction, grad,
+        student_logits, teacher_values, teacher_indices, teacher_lse, labels, temperature,
+        ignore_index, reduction, grad,
     )[0]

@@ -122,3 +122,9 @@ def test_bad_inputs():
         pykd.multi_teacher_kd_loss(s, [t], [float("nan")])
     with pytest.raises(TypeError, match="one dtype"):
         pykd.multi_teacher_kd_loss(s.float(), [t.float(), t.half()])
+    with pytest.raises(ValueError, match="multi_teacher_kd_loss: reduction must be one of"):
+        pykd.multi_teacher_kd_loss(s, [t], reduction=None)
+    with pytest.raises(TypeError, match="multi_teacher_kd_loss: ignore_index must be an integer"):
+        pykd.multi_teacher_kd_loss(s, [t], ignore_index="x")
+    with pytest.raises(ValueError, match="multi_teacher_kd_loss: ignore_index must fit in int64"):
+        pykd.multi_teacher_kd_loss(s, [t], ignore_index=2**64)

@@ -348,6 +348,8 @@ S, V3, I3 = torch.zeros(4, 10), torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch
         ((S, V3.tolist(), I3), {}, TypeError, "teacher_values must be a torch.Tensor"),
         ((S, V3, I3), {"teacher_lse": 1.0}, TypeError, "teacher_lse must be a torch.Tensor"),
         ((S, V3, I3), {"ignore_index": 1.5}, TypeError, "ignore_index must be an integer"),
+        ((S, V3, I3), {"ignore_index": -2**63 - 1}, ValueError, "ignore_index must fit in int64"),
+        ((S, V3, I3, 1.0, None), {}, ValueError, "reduction must be one of"),
     ],
 )
 def test_bad_input(args, kwargs, error, message):
