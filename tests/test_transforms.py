@@ -1,7 +1,8 @@
-"""The fused losses under PyTorch's other ways of differentiating: torch.func (grad, vjp, jacrev,
-vmap of grad), forward-mode AD (torch.autograd.forward_ad, torch.func.jvp and jacfwd), and
-backward(create_graph=True), whose first-order gradients are right while every second derivative
-raises (never a silent zero), all against pykd.reference in float64."""
+"""The fused losses under PyTorch's other ways of differentiating, against pykd.reference in
+float64: torch.func (grad, vjp, jacrev, vmap of grad) and forward-mode AD
+(torch.autograd.forward_ad, torch.func.jvp and jacfwd) give the reference's results; every way to
+a second derivative (backward(create_graph=True), Hessians, gradient penalties, grad of grad)
+raises instead of giving a silent zero."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
