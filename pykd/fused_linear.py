@@ -212,8 +212,7 @@ def _backward(ctx, grad_loss, *_grads):
             "the student inputs that require grad (pykd.FusedLinearKDLoss does this)")
     grads, anchor = ops.saved_grads(ctx, "fused_linear_kd_loss")
     wanted = [g for g, need in zip(grads, needs) if need]
-    scaled = iter(ops.first_order_only(
-        "fused_linear_kd_loss", ops.scale_saved_grads(wanted, grad_loss), anchor))
+    scaled = iter(ops.backward_grads("fused_linear_kd_loss", wanted, grad_loss, anchor))
     return tuple(next(scaled) if need else None for need in needs) + (None,) * (inputs - 3)
 
 

@@ -16,6 +16,8 @@ def _check_tensor(name, value):
 
 
 def _check_number(owner, name, value):
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a Python number, got {type(value).__name__}")
     return float(value)
@@ -29,7 +31,8 @@ def check_reduction(owner, reduction):
 
 def check_ignore_index(owner, ignore_index):
     """ignore_index as a Python int: an integer (not a bool) that fits in int64."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if type(ignore_index) is not int and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"{owner}: ignore_index must be an integer, got {ignore_index!r}")
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"{owner}: ignore_index must fit in int64, got {ignore_index}")

@@ -50,11 +50,9 @@ def functional_backward():
 
 
 def _traced(tensors):
-    """Whether the backward is being traced or transformed rather than run: under torch.compile
-    (Dynamo and AOTAutograd, whose tensors are FunctionalTensors over fake ones), a torch.func
-    transform, or for any tensor subclass."""
-    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or any(type(t) is not torch.Tensor for t in tensors))
+    """Whether the backward is being traced rather than run: under torch.compile (Dynamo and
+    AOTAutograd, whose tensors are FunctionalTensors over fake ones) or any tensor subclass."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
 
 
 def forward_mode_active():
@@ -65,7 +63,7 @@ def forward_mode_active():
             or torch._C._are_functorch_transforms_active())
 
 
-def scale_saved_grads(grads, grad_output):
+def scale_saved_grads(grads, grad_output, functional=False):
     """The backward of a fused loss: its saved gradients times the upstream gradient.
 
     ``grad_output`` is one value (a 0-d loss), or one per row of every gradient ([..., C] rows, a
@@ -75,13 +73,14 @@ def scale_saved_grads(grads, grad_output):
     bumps their version counters, so a second backward through the same graph
     (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of
     using a gradient that was already scaled; inside :func:`functional_backward` it works instead.
-    While torch.compile traces the backward (and for tensor subclasses) it returns the functional
-    ``grad * grad_output`` in each gradient's dtype, which the compiler fuses.
+    While torch.compile traces the backward (and for tensor subclasses), or when ``functional``
+    (under torch.func transforms), it returns the functional ``grad * grad_output`` in each
+    gradient's dtype, which the compiler fuses.
     """
     grads = list(grads)
     if grad_output is None:  # no gradient reached the loss (save_grads_for_backward turns off
         return [None] * len(grads)  # materialize_grads): no input gets one either
-    if _functional_backward or _traced([grad_output, *grads]):
+    if functional or _functional_backward or _traced([grad_output, *grads]):
         scale = grad_output if grad_output.dim() == 0 else grad_output.unsqueeze(-1)
         return [(g * scale).to(g.dtype) for g in grads]
     scale_grads_(grads, grad_output)
@@ -103,7 +102,7 @@ def save_grads_for_backward(ctx, grads):
     ctx.save_for_backward(*grads, *([anchor] if ctx.anchored else []))
     ctx.mark_non_differentiable(*grads)
     ctx.set_materialize_grads(False)
-    if forward_mode_active():
+    if ctx.anchored or torch.autograd.forward_ad._current_level >= 0:  # forward_mode_active()
         ctx.save_for_forward(*grads)
 
 
@@ -178,13 +177,21 @@ def first_order_only(name, grads, anchor=None):
       torch.func.grad works and whatever differentiates its result (func.hessian, grad of grad)
       reaches the error;
     - while torch.compile traces the backward the same happens from a leaf that requires grad."""
-    if not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()):
-        return grads
     if anchor is None:
+        if not torch.is_grad_enabled():
+            return grads
         if not _traced(grads):
             raise _second_derivative_error(name, " (a backward with create_graph=True)")
         anchor = torch.empty(0, requires_grad=True)
     return list(_FirstOrderOnly.apply(name, anchor, *grads))
+
+
+def backward_grads(name, grads, grad_output, anchor):
+    """What a fused loss's backward returns for its saved ``grads`` and the ``anchor`` of
+    :func:`saved_grads`: them scaled by the upstream gradient (:func:`scale_saved_grads`, in copies
+    under torch.func transforms), guarded by :func:`first_order_only`."""
+    scaled = scale_saved_grads(grads, grad_output, functional=anchor is not None)
+    return first_order_only(name, scaled, anchor)
 
 
 def vmap_by_loop(op):
@@ -302,7 +309,7 @@ def _kd_loss_backward(ctx, grad_loss, _grad_student, _grad_teacher):
     (grad_student, grad_teacher), anchor = saved_grads(ctx, "kd_loss")
     wanted = [g for g, need in ((grad_student, needs_student), (grad_teacher, needs_teacher))
               if need]
-    scaled = iter(first_order_only("kd_loss", scale_saved_grads(wanted, grad_loss), anchor))
+    scaled = iter(backward_grads("kd_loss", wanted, grad_loss, anchor))
     return (
         next(scaled) if needs_student else None,
         next(scaled) if needs_teacher else None,
@@ -379,7 +386,7 @@ def _hint_grads(ctx, grad_loss, student_needs, teacher_needs):
     if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
         return masked([], student_needs), masked([], teacher_needs)
     grads, anchor = saved_grads(ctx, "hint_loss")
-    grads = first_order_only("hint_loss", scale_saved_grads(grads, grad_loss), anchor)
+    grads = backward_grads("hint_loss", grads, grad_loss, anchor)
     return (masked(grads[: ctx.student_grads], student_needs),
             masked(grads[ctx.student_grads :], teacher_needs))
 
@@ -474,8 +481,7 @@ def _sparse_kd_loss_backward(ctx, grad_loss, _grad_student):
             "grad (pykd.sparse_kd_loss does this)"
         )
     (grad_student,), anchor = saved_grads(ctx, "sparse_kd_loss")
-    (scaled,) = first_order_only(
-        "sparse_kd_loss", scale_saved_grads([grad_student], grad_loss), anchor)
+    (scaled,) = backward_grads("sparse_kd_loss", [grad_student], grad_loss, anchor)
     return (scaled,) + (None,) * 8
 
 
@@ -552,8 +558,7 @@ def _multi_teacher_grads(ctx, grad_loss, needs_student, needs_teachers):
     wanted = ([grad_student] if needs_student else []) + [
         g for g, need in zip(grad_teachers, needs_teachers) if need
     ]
-    scaled = iter(first_order_only(
-        "multi_teacher_kd_loss", scale_saved_grads(wanted, grad_loss), anchor))
+    scaled = iter(backward_grads("multi_teacher_kd_loss", wanted, grad_loss, anchor))
     student = next(scaled) if needs_student else None
     return student, [next(scaled) if need else None for need in needs_teachers]
 
