@@ -95,8 +95,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, reduction="batchmea
     """
     return _fused_loss(
         student_logits, teacher_logits, labels, _check_number("kd_loss", "temperature", temperature),
-        _check_number("kd_loss", "beta", beta), 1.0, 0.0, check_ignore_index("kd_loss", ignore_index),
-        check_reduction("kd_loss", reduction),
+        _check_number("kd_loss", "beta", beta), 1.0, 0.0,
+        check_ignore_index("kd_loss", ignore_index), check_reduction("kd_loss", reduction),
     )
 
 

@@ -6,7 +6,6 @@ from . import ops
 from .loss import _check_number, check_ignore_index, check_reduction
 
 
-
 def _check_tensor(name, value, optional=False):
     if optional and value is None:
         return
