@@ -94,8 +94,10 @@ def test_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
-def test_portable_kernels_match():
-    """The portable kernels (ATEN_CPU_CAPABILITY=default) agree with the ones this CPU runs."""
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_cpu_kernels_match(capability):
+    """The portable kernels and the AVX2 ones (ATEN_CPU_CAPABILITY=default, =avx2) agree with the
+    ones this CPU runs."""
     code = (
         "import torch, pykd\n"
         "torch.manual_seed(0)\n"
@@ -106,10 +108,10 @@ def test_portable_kernels_match():
         "    print(repr(loss.item()), repr(torch.autograd.grad(loss, s[0])[0].double().abs().sum().item()))\n"
     )
     outputs = {}
-    for capability in ("default", None):
-        run = run_python(["-c", code], env={"ATEN_CPU_CAPABILITY": capability}, check=True)
-        outputs[capability] = [[float(v) for v in line.split()] for line in run.stdout.splitlines()]
-    for dtype, a, b in zip(DTYPES[1:], outputs["default"], outputs[None]):
+    for forced in (capability, None):
+        run = run_python(["-c", code], env={"ATEN_CPU_CAPABILITY": forced}, check=True)
+        outputs[forced] = [[float(v) for v in line.split()] for line in run.stdout.splitlines()]
+    for dtype, a, b in zip(DTYPES[1:], outputs[capability], outputs[None]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0, msg=str(dtype))
 
 

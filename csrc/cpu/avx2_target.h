@@ -5,9 +5,8 @@
 // setup.py and CMakeLists.txt compile every file alike; GCC does not define the ISA macros for
 // it, so they are defined here for the headers (Sleef, ATen) that test them.
 //
-// AVX-512 is not built: the machines measured so far (AMD Zen 3) lack it, and ATen itself prefers
-// its AVX2 kernels for loops like these. On other compilers or CPUs the same kernels are compiled
-// as portable code in the AVX2 namespace, and cpu_capability.h never picks them.
+// On other compilers or CPUs the same kernels are compiled as portable code in the AVX2
+// namespace, and cpu_capability.h never picks them. avx512_target.h does the same for AVX-512.
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))

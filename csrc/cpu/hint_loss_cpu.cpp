@@ -76,7 +76,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> hint_lo
   std::vector<HintPair> pairs =
       hint_pairs(student_features, teacher_features, student_grad, teacher_grad);
   const std::vector<Chunk> chunks = make_chunks(pairs);
-  const auto kernel = use_avx2() ? AVX2::hint_chunk : DEFAULT::hint_chunk;
+  const auto kernel = PYKD_CPU_KERNEL(hint_chunk);
   std::vector<double> chunk_sums(chunks.size());
   for_each_chunk(chunks, [&](int64_t c, const Chunk& chunk) {
     const HintPair& pair = pairs[chunk.pair];

@@ -59,7 +59,7 @@ void launch(const KdArgs& args) {
         row_loss,
         args.grad_student.defined() ? args.grad_student.data_ptr() : nullptr,
         args.grad_teacher.defined() ? args.grad_teacher.data_ptr() : nullptr};
-    use_avx2() ? AVX2::kd_loss_rows(kernel) : DEFAULT::kd_loss_rows(kernel);
+    PYKD_CPU_KERNEL(kd_loss_rows)(kernel);
   };
   reduce_rows(args.reduction, args.student.size(0), count_valid_rows(args), args.loss,
               kernel_rows);

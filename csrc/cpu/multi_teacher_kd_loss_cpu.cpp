@@ -43,8 +43,7 @@ void launch(const MultiTeacherArgs& args) {
     kernel.row_loss = row_loss;
     kernel.grad_student =
         args.grad_student.defined() ? args.grad_student.mutable_data_ptr() : nullptr;
-    use_avx2() ? AVX2::multi_teacher_kd_loss_rows(kernel)
-               : DEFAULT::multi_teacher_kd_loss_rows(kernel);
+    PYKD_CPU_KERNEL(multi_teacher_kd_loss_rows)(kernel);
   };
   reduce_rows(args.reduction, rows, count_valid_rows(args.labels, rows, args.ignore_index),
               args.loss, kernel_rows);

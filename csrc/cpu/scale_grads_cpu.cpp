@@ -28,7 +28,7 @@ double element(const at::Tensor& flat, int64_t i) {
 
 void scale_grads_cpu(at::TensorList grads, const at::Tensor& scale) {
   const bool per_row = check_scale_grads(grads, scale);
-  const auto kernel = use_avx2() ? AVX2::scale_in_place : DEFAULT::scale_in_place;
+  const auto kernel = PYKD_CPU_KERNEL(scale_in_place);
   if (per_row) {
     const at::Tensor flat = scale.reshape({-1});  // a view when it can be (an expanded 1 too)
     for (const at::Tensor& g : grads) {

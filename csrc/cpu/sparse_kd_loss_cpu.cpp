@@ -40,7 +40,7 @@ void launch(const SparseKdArgs& args) {
         inv_denominator,
         row_loss,
         args.grad_student.defined() ? args.grad_student.data_ptr() : nullptr};
-    use_avx2() ? AVX2::sparse_kd_loss_rows(kernel) : DEFAULT::sparse_kd_loss_rows(kernel);
+    PYKD_CPU_KERNEL(sparse_kd_loss_rows)(kernel);
   };
   reduce_rows(args.reduction, rows, count_valid_rows(args.labels, rows, args.ignore_index),
               args.loss, kernel_rows);
