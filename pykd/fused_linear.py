@@ -114,8 +114,10 @@ def fused_linear_kd_loss(
     the two sides) and, for an upstream gradient of 1, the gradients of student_hidden,
     student_weight and student_bias where hidden_grad / weight_grad / bias_grad is set (an empty
     [0] tensor where not), in their inputs' dtypes. The teacher takes no gradient. batchmean
-    divides by the valid rows, counted on the device (no host sync); each chunk is reduced with
-    "sum" and the totals are scaled once at the end. The weight gradient is accumulated over the
+    divides by the valid rows. On a GPU they are counted on the device (no host sync), each chunk
+    is reduced with "sum" and the totals are divided once at the end; on the CPU the count is
+    read first and the kernel's weights carry 1 / count, so that no pass over the gradients
+    divides them (in bfloat16 such a pass costs more than the kernel). The weight gradient is accumulated over the
     chunks in the weight's dtype (one rounding per chunk in bfloat16), the bias gradient and the
     loss in float32 (float64 for float64).
     """
@@ -139,6 +141,15 @@ def fused_linear_kd_loss(
     if rows == 0:
         grad_weight.zero_()
     total = torch.zeros((), dtype=acc, device=student_hidden.device)
+    on_cpu = student_hidden.device.type == "cpu"
+    if on_cpu:
+        count = 1
+        inv_count = 1 / max(rows if labels is None else int((labels != ignore_index).sum()), 1)
+        soft_weight, hard_weight = soft_weight * inv_count, hard_weight * inv_count
+    elif labels is None:
+        count = max(rows, 1)
+    else:
+        count = (labels != ignore_index).sum().clamp_(min=1)  # on the device
     student_logits = student_hidden.new_empty((chunk, vocab))
     teacher_logits = teacher_hidden.new_empty((chunk, vocab))
     wants_grad = hidden_grad or weight_grad or bias_grad
@@ -163,12 +174,9 @@ def fused_linear_kd_loss(
                 grad_weight.addmm_(grad_logits.t(), hidden)
             if bias_grad:
                 grad_bias += grad_logits.sum(0, dtype=acc)
-    if labels is None:
-        count = max(rows, 1)
-    else:
-        count = (labels != ignore_index).sum().clamp_(min=1)  # on the device
-    for grad in (grad_hidden, grad_weight, grad_bias):
-        grad.div_(count)
+    if not on_cpu:
+        for grad in (grad_hidden, grad_weight, grad_bias):
+            grad.div_(count)
     return (total / count).to(loss_dtype), grad_hidden, grad_weight, grad_bias.to(
         student_weight.dtype)
 
